@@ -1,0 +1,1 @@
+"""The ``flatness`` command line: thin commands that parse, validate, call the library, print."""

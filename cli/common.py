@@ -1,0 +1,86 @@
+"""Flags and checks shared by the commands (DESIGN.md section 8)."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from flatness.errors import FlatnessError
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the examples in epilogs as written and shows defaults."""
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, help: str, examples: str) -> argparse.ArgumentParser:
+    """A subcommand parser with an ``Examples:`` epilog."""
+    return sub.add_parser(name, help=help, description=help, epilog=f"examples:\n{examples}", formatter_class=Formatter)
+
+
+def add_common(parser: argparse.ArgumentParser, *, seed: bool = True, force: bool = True) -> None:
+    """``--device``, ``--seed``, ``--quiet``, ``--force``."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    if seed:
+        parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    if force:
+        parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def check_output_file(path: str | Path, force: bool, *, resume: bool = False, flag: str = "--force") -> Path:
+    """Refuse to overwrite an existing output file unless ``--force`` (or resuming).
+
+    Also checks that the parent folder exists (it is created if missing).
+    """
+    path = Path(path)
+    if path.exists() and path.is_dir():
+        raise FlatnessError(f"output {path} is a folder, expected a file path")
+    if path.exists() and not (force or resume):
+        raise FlatnessError(f"output {path} already exists; pass {flag} to overwrite it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FlatnessError(f"cannot create folder {path.parent}: {e.strerror}") from None
+    return path
+
+
+def check_output_dir(path: str | Path, force: bool, *, resume: bool = False) -> Path:
+    """An output folder: refused if it exists and is not empty, unless ``--force``/``--resume``.
+
+    With ``--force`` the old folder's contents are removed first.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FlatnessError(f"output {path} exists and is not a folder")
+    if path.exists() and any(path.iterdir()):
+        if resume:
+            return path
+        if not force:
+            raise FlatnessError(f"output folder {path} already exists and is not empty; pass --resume to continue it or --force to replace it")
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FlatnessError(f"cannot create folder {path}: {e.strerror}") from None
+    return path
+
+
+def require_file(path: str | Path, what: str = "file") -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FlatnessError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise FlatnessError(f"{what} {path} is not a file")
+    return path

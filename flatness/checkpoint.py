@@ -1,0 +1,189 @@
+"""Checkpoints: atomic writes, safe loads (``weights_only=True``), foreign state_dicts.
+
+A flatness checkpoint is a dict of tensors and plain Python values::
+
+    {"format": "flatness-checkpoint", "format_version": 1, "version": "0.1.0",
+     "model": "cnn1d", "model_kwargs": {...}, "dataset": "mnist1d",
+     "config": {...}, "state_dict": {...}, "optimizer": {...} | None,
+     "scheduler": {...} | None, "rng": {...}, "epoch": int, "step": int,
+     "batch_in_epoch": int, "metrics": [ {...}, ... ]}
+
+It is only ever read with ``torch.load(weights_only=True)``, so a file that
+carries a pickle payload is refused before any of it runs.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from flatness.atomic import atomic_open
+from flatness.errors import FlatnessError
+from flatness.models import build_model
+from flatness.version import __version__
+
+FORMAT = "flatness-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint.
+
+    Attributes:
+        model: the network, in eval mode, on the requested device.
+        config: every training setting (empty for foreign files, except
+            ``model`` and ``model_kwargs``).
+        metrics: per-epoch metric dicts (as in ``metrics.jsonl``).
+        raw: the full dict as stored (optimizer, scheduler, RNG states...).
+    """
+
+    path: Path
+    model: nn.Module
+    model_name: str
+    model_kwargs: dict
+    config: dict = field(default_factory=dict)
+    metrics: list[dict] = field(default_factory=list)
+    raw: dict = field(default_factory=dict)
+    foreign: bool = False
+
+    @property
+    def epoch(self) -> int:
+        return int(self.raw.get("epoch", 0))
+
+    @property
+    def step(self) -> int:
+        return int(self.raw.get("step", 0))
+
+    @property
+    def dataset(self) -> str | None:
+        return self.raw.get("dataset") or self.config.get("data")
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically (temp file + fsync + rename).
+
+    The format header is added here. If the write fails, the file that was at
+    ``path`` before stays intact.
+    """
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": __version__, **payload}
+    with atomic_open(path, "wb") as f:
+        torch.save(payload, f)
+
+
+def read_checkpoint_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with user-facing errors.
+
+    Raises:
+        FlatnessError: missing, unreadable, truncated, or carrying anything
+            but tensors and plain values (e.g. a pickle payload).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FlatnessError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise FlatnessError(f"checkpoint {path} is not a file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FlatnessError(f"checkpoint {path} was refused: it holds objects other than tensors and plain values ({first})") from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError, AttributeError, KeyError, TypeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FlatnessError(f"checkpoint {path} cannot be read (truncated or not a checkpoint): {msg}") from None
+
+
+def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def _foreign_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Find the state_dict inside a file written by another tool."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "net", "model_state_dict"):
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return _strip_prefix(inner)
+        if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+            return _strip_prefix(obj)
+    raise FlatnessError(f"{path} is neither a flatness checkpoint nor a state_dict")
+
+
+def _load_weights(model: nn.Module, state: dict[str, Any], name: str, path: Path) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"missing {', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}")
+        if unexpected:
+            detail.append(f"unexpected {', '.join(unexpected[:3])}{'...' if len(unexpected) > 3 else ''}")
+        raise FlatnessError(f"checkpoint {path} does not fit model {name!r}: {'; '.join(detail)}")
+    for k, v in own.items():
+        if tuple(v.shape) != tuple(state[k].shape):
+            raise FlatnessError(
+                f"checkpoint {path} does not fit model {name!r}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
+            )
+    model.load_state_dict(state)
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+) -> Checkpoint:
+    """Load a checkpoint (ours, or a plain state_dict from another tool).
+
+    Args:
+        path: the ``.pt`` file.
+        model: model name; required for foreign state_dicts, checked against
+            ours (a mismatch is an error).
+        model_kwargs: kwargs for a foreign state_dict's model (e.g.
+            ``{"num_classes": 100}``).
+        device: where the model is put.
+
+    Returns:
+        A :class:`Checkpoint` with ``.model`` in eval mode.
+
+    Example:
+        >>> ckpt = load_checkpoint("runs/sgd/final.pt")  # doctest: +SKIP
+        >>> ckpt.model(x)  # doctest: +SKIP
+    """
+    path = Path(path)
+    obj = read_checkpoint_file(path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        name = obj.get("model")
+        if model is not None and model != name:
+            raise FlatnessError(f"checkpoint {path} holds model {name!r}, but --model is {model!r}")
+        kwargs = dict(obj.get("model_kwargs") or {})
+        net = build_model(name, **kwargs)
+        _load_weights(net, obj["state_dict"], name, path)
+        net.to(device).eval()
+        return Checkpoint(path, net, name, kwargs, dict(obj.get("config") or {}), list(obj.get("metrics") or []), obj)
+    state = _foreign_state_dict(obj, path)
+    if model is None:
+        raise FlatnessError(f"{path} is a plain state_dict from another tool: pass --model to say which network it is")
+    kwargs = dict(model_kwargs or {})
+    if "num_classes" not in kwargs:
+        kwargs["num_classes"] = _guess_classes(state)
+    net = build_model(model, **kwargs)
+    _load_weights(net, state, model, path)
+    net.to(device).eval()
+    return Checkpoint(path, net, model, kwargs, {"model": model, "model_kwargs": kwargs}, [], {"state_dict": state}, foreign=True)
+
+
+def _guess_classes(state: dict[str, torch.Tensor]) -> int:
+    """Classifier width of a foreign state_dict: the last 2-D weight's rows."""
+    weights = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    return int(weights[-1].shape[0]) if weights else 10

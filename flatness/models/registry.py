@@ -1,0 +1,89 @@
+"""Name -> constructor table for the built-in models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from flatness.errors import FlatnessError
+
+
+def _mlp(**kw: Any) -> nn.Module:
+    from flatness.models.mlp import MLP
+
+    return MLP(**kw)
+
+
+def _cnn1d(**kw: Any) -> nn.Module:
+    from flatness.models.cnn1d import CNN1D
+
+    return CNN1D(**kw)
+
+
+def _resnet18(**kw: Any) -> nn.Module:
+    from flatness.models.resnet import resnet18
+
+    return resnet18(**kw)
+
+
+def _vgg16_bn(**kw: Any) -> nn.Module:
+    from flatness.models.vgg import vgg16_bn
+
+    return vgg16_bn(**kw)
+
+
+def _wrn16_8(**kw: Any) -> nn.Module:
+    from flatness.models.wrn import WideResNet
+
+    return WideResNet(depth=16, widen_factor=8, **kw)
+
+
+def _wrn28_10(**kw: Any) -> nn.Module:
+    from flatness.models.wrn import WideResNet
+
+    return WideResNet(depth=28, widen_factor=10, **kw)
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": _mlp,
+    "cnn1d": _cnn1d,
+    "resnet18": _resnet18,
+    "vgg16_bn": _vgg16_bn,
+    "wrn16_8": _wrn16_8,
+    "wrn28_10": _wrn28_10,
+}
+MODEL_NAMES = tuple(_BUILDERS)
+
+# Models that take MNIST-1D-shaped input (N, 40); the others take (N, 3, 32, 32).
+SEQUENCE_MODELS = ("mlp", "cnn1d")
+
+
+def default_model_kwargs(name: str, num_classes: int, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The kwargs a model gets for a dataset when the user gives none."""
+    if name in SEQUENCE_MODELS:
+        if len(input_shape) != 1:
+            raise FlatnessError(f"model {name!r} takes 1-D inputs, but the data have shape {input_shape}")
+        return {"in_features": int(input_shape[0]), "num_classes": num_classes}
+    if name in _BUILDERS:
+        if tuple(input_shape) != (3, 32, 32):
+            raise FlatnessError(f"model {name!r} takes 3x32x32 images, but the data have shape {input_shape}")
+        return {"num_classes": num_classes}
+    raise FlatnessError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a model by name with keyword arguments.
+
+    Raises:
+        FlatnessError: unknown name or kwargs the model does not take.
+    """
+    try:
+        builder = _BUILDERS[name]
+    except KeyError:
+        raise FlatnessError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}") from None
+    try:
+        return builder(**kwargs)
+    except TypeError as e:
+        raise FlatnessError(f"model {name!r} does not take these arguments {kwargs}: {e}") from None

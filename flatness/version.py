@@ -1,0 +1,5 @@
+"""The package version, read once from the installed metadata."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,50 @@
+"""Shared fixtures: an isolated dataset cache and tiny checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep generated datasets out of the user's home (shared across the session)."""
+    if "FLATNESS_CACHE" not in os.environ:
+        os.environ["FLATNESS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path: Path):
+    """``make_checkpoint(model="cnn1d", data="synthetic", seed=0, **model_kwargs) -> Path``."""
+    from flatness.checkpoint import save_checkpoint
+    from flatness.models import build_model
+
+    def make(model: str = "cnn1d", data: str = "synthetic", seed: int = 0, name: str | None = None, **kwargs) -> Path:
+        torch.manual_seed(seed)
+        kw = {"in_features": 40, "num_classes": 10, **kwargs} if model in ("mlp", "cnn1d") else {"num_classes": 10, **kwargs}
+        net = build_model(model, **kw)
+        path = tmp_path / (name or f"{model}_{seed}.pt")
+        save_checkpoint(
+            path,
+            {"model": model, "model_kwargs": kw, "dataset": data, "config": {"model": model, "data": data, "seed": seed},
+             "state_dict": net.state_dict(), "metrics": [], "epoch": 0, "step": 0},
+        )
+        return path
+
+    return make
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the real ``flatness`` command in a subprocess (``python -m cli``)."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )

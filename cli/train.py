@@ -1,0 +1,118 @@
+"""``flatness train``: train a model with a method, write a run directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cli.common import add_command, add_common, positive_int
+from flatness.errors import FlatnessError
+
+EXAMPLES = """\
+  flatness train --method sgd --model cnn1d --data mnist1d --epochs 60 --seed 0 --out runs/sgd
+  flatness train --method m-arwp --sigma 0.03 --lam 0.5 --eta 0.1 --beta 0.99 --out runs/marwp
+  flatness train --method sam --rho 0.05 --out runs/sam
+  flatness train --out runs/sgd --resume             # continue after a crash or kill
+  flatness train --model resnet18 --data cifar100 --data-dir ~/data/cifar --epochs 200 \\
+      --batch-size 256 --lr 0.1 --weight-decay 1e-3 --cutout 16 --method m-arwp --sigma 0.015
+  torchrun --nproc_per_node 2 -m cli train --method m-arwp --parallel-roles --out runs/par
+"""
+
+
+def _model_kwargs(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"hidden\": 200}}', got {text!r} ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from flatness.data import DATASET_NAMES
+    from flatness.models import MODEL_NAMES
+    from flatness.training.config import SCHEDULES, TrainConfig
+
+    d = TrainConfig()
+    p = add_command(sub, "train", "Train a model with a flatness-seeking method; write a run directory.", EXAMPLES)
+    g = p.add_argument_group("run")
+    g.add_argument("--method", default=d.method, help="sgd, sam, asam, delta-sam, rwp, m-rwp, arwp, m-arwp")
+    g.add_argument("--model", default=d.model, help=f"one of {', '.join(MODEL_NAMES)}")
+    g.add_argument("--model-kwargs", type=_model_kwargs, default={}, help="JSON object of model arguments")
+    g.add_argument("--data", default=d.data, help=f"one of {', '.join(DATASET_NAMES)}")
+    g.add_argument("--data-dir", default=None, help="folder with the CIFAR python-pickle batches")
+    g.add_argument("--out", default=None, help="run directory (default runs/METHOD-MODEL-DATA-sSEED)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps within an epoch (0: epoch ends only)")
+    g.add_argument("--no-epoch-checkpoints", action="store_true", help="keep only last.pt and final.pt")
+    add_common(g)
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=positive_int, default=d.epochs)
+    o.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    o.add_argument("--lr", type=float, default=d.lr)
+    o.add_argument("--momentum", type=float, default=d.momentum)
+    o.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    o.add_argument("--nesterov", action="store_true")
+    o.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
+    o.add_argument("--cutout", type=int, default=0, help="cutout square side for CIFAR (0: off)")
+    o.add_argument("--no-augment", action="store_true", help="no crop/flip for CIFAR")
+    m = p.add_argument_group("method hyperparameters")
+    m.add_argument("--rho", type=float, default=d.rho, help="SAM/ASAM/delta-SAM radius")
+    m.add_argument("--adaptive-eta", type=float, default=d.adaptive_eta, help="ASAM's eta")
+    m.add_argument("--sigma", type=float, default=d.sigma, help="RWP-family noise std multiplier")
+    m.add_argument("--sigma-inc", type=float, default=d.sigma_inc, help="CosineInc: sigma grows to sigma*(1+inc) (0: constant)")
+    m.add_argument("--lam", type=float, default=d.lam, help="m-RWP/m-ARWP weight of the perturbed gradient")
+    m.add_argument("--eta", type=float, default=d.eta, help="ARWP's eta")
+    m.add_argument("--beta", type=float, default=d.beta, help="ARWP's accumulator decay")
+    m.add_argument("--temperature", type=float, default=d.temperature, help="delta-SAM temperature")
+    m.add_argument("--mix-batches", choices=("same", "alternate"), default=d.mix_batches, help="m-RWP/m-ARWP batch scheme")
+    m.add_argument("--parallel-roles", action="store_true", help="two-role parallel m-(A)RWP (under torchrun, even world size)")
+    p.set_defaults(func=run, _parser=p)
+
+
+def _given(args: argparse.Namespace) -> set[str]:
+    """Flags the user typed (values differing from the parser defaults)."""
+    parser: argparse.ArgumentParser = args._parser
+    return {a.dest for a in parser._actions if a.dest != "help" and getattr(args, a.dest, None) != a.default}
+
+
+def run(args: argparse.Namespace) -> int:
+    from flatness.training import TrainConfig, train
+    from flatness.training.rundir import RunDir
+
+    fields = {
+        "model": args.model, "data": args.data, "data_dir": args.data_dir, "model_kwargs": args.model_kwargs,
+        "method": args.method, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "momentum": args.momentum, "weight_decay": args.weight_decay, "nesterov": args.nesterov,
+        "schedule": args.schedule, "seed": args.seed, "cutout": args.cutout, "augment": not args.no_augment,
+        "rho": args.rho, "adaptive_eta": args.adaptive_eta, "sigma": args.sigma, "sigma_inc": args.sigma_inc,
+        "lam": args.lam, "eta": args.eta, "beta": args.beta, "temperature": args.temperature,
+        "mix_batches": args.mix_batches, "parallel_roles": args.parallel_roles, "save_every": args.save_every,
+        "keep_epochs": not args.no_epoch_checkpoints,
+    }
+    out = args.out or f"runs/{args.method}-{args.model}-{args.data}-s{args.seed}"
+    run_dir = RunDir(__import__("pathlib").Path(out))
+    if args.resume and run_dir.config.exists():
+        # Resume: start from the saved settings; flags typed now must agree (checked by train()).
+        saved = run_dir.read_config()
+        given = _given(args)
+        flag_to_field = {"no_augment": "augment", "no_epoch_checkpoints": "keep_epochs"}
+        typed = {flag_to_field.get(k, k): fields[flag_to_field.get(k, k)] for k in given if flag_to_field.get(k, k) in fields}
+        config = TrainConfig.from_dict({**saved, **typed})
+    else:
+        config = TrainConfig(**fields)
+    from flatness.training.methods import get_method
+
+    get_method(config.method)  # unknown method: one clear line before any work
+    result = train(config, out, device=args.device, resume=args.resume, force=args.force, quiet=args.quiet)
+    from flatness.distributed import info
+
+    if info().is_main:
+        last = result.metrics[-1] if result.metrics else {}
+        print(
+            f"trained {config.method} {config.model} on {config.data}: "
+            f"test_acc {last.get('test_acc', float('nan')):.2f}% test_loss {last.get('test_loss', float('nan')):.4f} "
+            f"train_loss {last.get('train_loss', float('nan')):.4f} in {result.seconds:.1f}s -> {result.final}"
+        )
+    return 0

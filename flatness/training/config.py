@@ -1,0 +1,84 @@
+"""All settings of a training run, resolved and JSON-serialisable (``config.json``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from flatness.errors import FlatnessError
+
+SCHEDULES = ("cosine", "step", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of ``flatness train``; every field lands in ``config.json``.
+
+    Method hyperparameters (``sigma``, ``lam``, ...) are used by the methods
+    that take them and recorded for all.
+    """
+
+    model: str = "cnn1d"
+    data: str = "mnist1d"
+    data_dir: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    method: str = "sgd"
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    seed: int = 0
+    cutout: int = 0
+    augment: bool = True
+    # method hyperparameters (DESIGN.md section 3)
+    rho: float = 0.05
+    adaptive_eta: float = 0.01
+    sigma: float = 0.01
+    sigma_inc: float = 0.0
+    lam: float = 0.5
+    eta: float = 0.1
+    beta: float = 0.99
+    temperature: float = 1.0
+    mix_batches: str = "same"
+    parallel_roles: bool = False
+    # bookkeeping
+    save_every: int = 0
+    keep_epochs: bool = True
+
+    def validate(self) -> None:
+        """Check values; raise FlatnessError naming the bad one."""
+        positive_ints = {"epochs": self.epochs, "batch_size": self.batch_size}
+        for name, value in positive_ints.items():
+            if not isinstance(value, int) or value <= 0:
+                raise FlatnessError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if not self.lr > 0:
+            raise FlatnessError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise FlatnessError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if not self.weight_decay >= 0:
+            raise FlatnessError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.schedule not in SCHEDULES:
+            raise FlatnessError(f"unknown --schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        if self.save_every < 0:
+            raise FlatnessError(f"--save-every must be >= 0, got {self.save_every}")
+        if self.cutout < 0:
+            raise FlatnessError(f"--cutout must be >= 0, got {self.cutout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if "milestones" in kwargs:
+            kwargs["milestones"] = tuple(kwargs["milestones"])
+        return cls(**kwargs)

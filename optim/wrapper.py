@@ -1,0 +1,387 @@
+r"""The two-pass optimizer wrapper that every method in :mod:`optim` builds on.
+
+:class:`PerturbedOptimizer` wraps a base optimizer (``torch.optim.SGD``, ``Adam``,
+...) the way the well-known SAM implementations do (davda54/sam): the wrapper
+and the base optimizer share one ``param_groups`` list, so learning-rate
+schedulers, ``add_param_group`` and per-group hyperparameters work on either.
+What is specific to a method is the :class:`~optim.perturbation.Perturbation`
+it plugs in (and, for m-(A)RWP, the gradient mixing).
+
+One update, in the general form (SAM: :math:`\lambda = 1`; m-(A)RWP:
+:math:`0 \le \lambda \le 1`; RWP/ARWP: one pass, :math:`\lambda = 1`):
+
+.. math::
+
+    g = \lambda\, \nabla L(w + \epsilon) + (1-\lambda)\, \nabla L(w),
+    \qquad w \leftarrow \text{base\_step}(w, g).
+
+Gradient zeroing - who zeroes what:
+
+* ``step(closure)`` sets every gradient to ``None`` before *each* call of the
+  closure; the closure only runs forward + backward (a ``zero_grad()`` inside
+  it is harmless). After the update, ``.grad`` holds the gradient that was
+  applied (the mixed one for m-(A)RWP), as with any torch optimizer.
+* ``first_step()`` consumes the gradients: it stashes them (m-(A)RWP) or turns
+  them into :math:`\epsilon` (SAM), moves to :math:`w + \epsilon`, and leaves
+  every ``.grad`` as ``None``. ``second_step()`` restores :math:`w` exactly,
+  combines gradients, and calls the base optimizer; it leaves ``.grad`` as the
+  applied gradient.
+
+Performance contract: no host synchronisation inside ``step`` (no ``.item()``,
+``.cpu()``, ``.tolist()``, no Python branching on tensor values);
+``torch._foreach_*`` over parameter lists (``foreach=None`` picks them on
+accelerators, as torch.optim does); at most two extra parameter-sized
+buffers - the exact copy of :math:`w` and, for m-(A)RWP, the stashed clean
+gradient (which *is* the first pass's ``.grad`` tensor, moved aside, not
+copied).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_base_optimizer, check_choice, check_foreach
+from .bn import disable_running_stats
+from .perturbation import Perturbation, Slice
+from .rng import NoiseGenerators
+
+ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+Closure = Callable[[], Tensor]
+
+MIX_BATCHES = ("same", "alternate")
+
+
+def _default_foreach(params: list[Tensor]) -> bool:
+    # torch.optim's rule: foreach kernels on accelerators, a plain loop on CPU.
+    return bool(params) and all(p.device.type not in ("cpu", "meta") for p in params)
+
+
+class PerturbedOptimizer(torch.optim.Optimizer):
+    """Base class: a base optimizer plus a pluggable weight perturbation.
+
+    Subclasses (:class:`~optim.SAM`, :class:`~optim.MARWP`, ...) choose the
+    perturbation and whether the perturbed gradient is mixed with the clean
+    one; this class owns everything else.
+
+    Args:
+        params: parameters or parameter groups, as for any torch optimizer.
+        base_optimizer: the optimizer *class* that applies the update, e.g.
+            ``torch.optim.SGD``; it is built over the same param groups with
+            ``**base_kwargs``.
+        perturbation: how :math:`w + \\epsilon` is made.
+        method_defaults: the method's hyperparameters (stored in ``defaults`` and
+            thus in every param group).
+        mixing: combine :math:`\\lambda g(w+\\epsilon) + (1-\\lambda) g(w)`
+            (m-(A)RWP); reads ``lam`` from each group.
+        mix_batches: ``"same"`` or ``"alternate"`` (only with ``mixing``), see
+            :class:`~optim.MARWP`.
+        model: the network; when given, the perturbed pass runs inside
+            :func:`~optim.disable_running_stats` so BatchNorm running statistics
+            only record clean passes.
+        seed: seed of the noise generators (``None``: ``torch.initial_seed()``).
+        foreach: ``torch._foreach_*`` kernels (``None``: on accelerators only).
+            Stored in the groups, so the base optimizer follows the same choice.
+        grad_scaler: an enabled ``torch.amp.GradScaler`` makes the optimizer call
+            ``scaler.step(base_optimizer)`` and ``scaler.update()`` once per
+            update; the closure must then backpropagate ``scaler.scale(loss)``.
+        **base_kwargs: hyperparameters of the base optimizer (``lr``,
+            ``momentum``, ``weight_decay``, ...).
+
+    Attributes:
+        base_optimizer: the wrapped optimizer instance.
+        num_updates: number of base-optimizer updates made so far.
+        last_step_updated: whether the last ``step(closure)`` call updated the
+            weights (always True except in the first half of an
+            ``"alternate"`` pair), e.g. to step per-update schedulers.
+    """
+
+    #: The closure returns per-sample losses and does no backward (delta-SAM).
+    per_sample_closure: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        params: ParamsT,
+        base_optimizer: type[torch.optim.Optimizer],
+        *,
+        perturbation: Perturbation,
+        method_defaults: dict[str, Any],
+        mixing: bool = False,
+        mix_batches: str = "same",
+        model: nn.Module | None = None,
+        seed: int | None = None,
+        foreach: bool | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        **base_kwargs: Any,
+    ) -> None:
+        check_base_optimizer(base_optimizer)
+        check_foreach(foreach)
+        check_choice("mix_batches", mix_batches, MIX_BATCHES)
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
+        defaults = dict(method_defaults, foreach=foreach, **base_kwargs)
+        super().__init__(params, defaults)
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self.defaults["foreach"] = foreach
+        self.perturbation = perturbation
+        self.mixing = mixing
+        self.mix_batches = mix_batches
+        self.model = model
+        self.grad_scaler = grad_scaler
+        self.rng = NoiseGenerators(seed)
+        self.num_updates = 0
+        self.last_step_updated = False
+        self._phase = 0  # "alternate": 1 once a clean gradient is stashed
+        self._backups: dict[Tensor, Tensor] = {}
+        self._clean: dict[Tensor, Tensor] = {}
+        self._perturbed: list[Slice] = []
+
+    # ------------------------------------------------------------------ helpers
+    def _foreach(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        flag = group.get("foreach")
+        return _default_foreach(params) if flag is None else flag
+
+    def _backup(self, p: Tensor) -> Tensor:
+        buf = self._backups.get(p)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+            buf = torch.empty_like(p)
+            self._backups[p] = buf
+        return buf
+
+    def _selected(self, p: Tensor) -> bool:
+        if self.perturbation.uses_gradient:
+            return p.grad is not None
+        if self.mixing:
+            return p in self._clean
+        return p.requires_grad
+
+    def _scaler_enabled(self) -> bool:
+        return self.grad_scaler is not None and self.grad_scaler.is_enabled()
+
+    def _inv_scale(self) -> Tensor | None:
+        if not self._scaler_enabled():
+            return None
+        # GradScaler keeps its scale as a device tensor; reading it through the
+        # public get_scale() would be a host sync.
+        scale = self.grad_scaler._get_scale_async()  # type: ignore[union-attr]
+        if scale is None:
+            return None
+        return scale.double().reciprocal().float()
+
+    def _backward(self, loss: Tensor) -> None:
+        if self._scaler_enabled():
+            loss = self.grad_scaler.scale(loss)  # type: ignore[union-attr]
+        loss.backward()
+
+    def _perturbed_pass(self, closure: Closure) -> Tensor:
+        self.zero_grad(set_to_none=True)
+        with disable_running_stats(self.model):
+            return closure()
+
+    # ------------------------------------------------------------- the passes
+    def _stash_clean_grads(self) -> None:
+        """Move each ``.grad`` aside as the clean gradient (no copy)."""
+        self._clean = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._clean[p] = p.grad
+                    p.grad = None
+
+    def _perturb(self) -> None:
+        slices = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if self._selected(p)]
+            slices.append(
+                Slice(
+                    group=group,
+                    params=params,
+                    backups=[self._backup(p) for p in params],
+                    grads=[p.grad for p in params] if self.perturbation.uses_gradient else [],
+                    states=[self.state[p] for p in params],
+                    foreach=self._foreach(group, params),
+                )
+            )
+        self.perturbation.perturb_(slices, self.rng)
+        self._perturbed = slices
+        self.zero_grad(set_to_none=True)
+
+    def _restore(self) -> None:
+        for s in self._perturbed:
+            if not s.params:
+                continue
+            if s.foreach:
+                torch._foreach_copy_(s.params, s.backups)
+            else:
+                for p, b in zip(s.params, s.backups):
+                    p.copy_(b)
+
+    def _observe(self) -> None:
+        slices = []
+        for s in self._perturbed:
+            keep = [i for i, p in enumerate(s.params) if p.grad is not None]
+            slices.append(
+                Slice(
+                    group=s.group,
+                    params=[s.params[i] for i in keep],
+                    backups=[],
+                    grads=[s.params[i].grad for i in keep],
+                    states=[s.states[i] for i in keep],
+                    foreach=s.foreach,
+                )
+            )
+        self.perturbation.observe_(slices, self._inv_scale())
+
+    def _mix(self) -> None:
+        for group in self.param_groups:
+            lam = group["lam"]
+            starts, ends = [], []
+            for p in group["params"]:
+                clean, pert = self._clean.get(p), p.grad
+                if clean is not None and pert is not None:
+                    starts.append(clean)
+                    ends.append(pert)
+                    p.grad = clean
+                elif pert is not None:  # a missing gradient counts as zero
+                    pert.mul_(lam)
+                elif clean is not None:
+                    p.grad = clean.mul_(1.0 - lam)
+            if not starts:
+                continue
+            if self._foreach(group, starts):
+                torch._foreach_lerp_(starts, ends, lam)
+            else:
+                for start, end in zip(starts, ends):
+                    start.lerp_(end, lam)
+
+    def _base_step(self) -> None:
+        if self._scaler_enabled():
+            self.grad_scaler.step(self.base_optimizer)  # type: ignore[union-attr]
+            self.grad_scaler.update()  # type: ignore[union-attr]
+        else:
+            self.base_optimizer.step()
+
+    @torch.no_grad()
+    def first_step(self) -> None:
+        """Move from :math:`w` to :math:`w + \\epsilon`; consumes the gradients.
+
+        For gradient-based methods (SAM family) call it after the clean
+        backward pass; for m-(A)RWP it also stashes the clean gradient; for
+        single-pass RWP/ARWP call it before the (only) forward pass.
+        """
+        if self._perturbed:
+            raise RuntimeError("first_step() called twice without second_step() in between")
+        if self.mixing:
+            self._stash_clean_grads()
+        self._perturb()
+
+    @torch.no_grad()
+    def second_step(self) -> None:
+        """Restore :math:`w`, combine gradients and apply the base optimizer."""
+        if not self._perturbed:
+            raise RuntimeError("second_step() called without a preceding first_step()")
+        self._restore()
+        self._observe()
+        if self.mixing:
+            self._mix()
+        self._base_step()
+        self._perturbed = []
+        self._clean = {}
+        self.num_updates += 1
+        self.last_step_updated = True
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
+        """One call per batch: runs the closure as often as the method needs.
+
+        Args:
+            closure: forward + backward on the current batch, returning the
+                loss; called under ``torch.enable_grad()``.
+
+        Returns:
+            The loss of the clean pass (the closure's value at :math:`w`); for
+            single-pass RWP/ARWP the loss at :math:`w + \\epsilon`.
+        """
+        if closure is None:
+            raise TypeError(
+                f"{type(self).__name__}.step() needs a closure that runs forward + backward "
+                "and returns the loss; or call first_step() / second_step() yourself"
+            )
+        closure = torch.enable_grad()(closure)
+        self.last_step_updated = False
+        if not self.perturbation.uses_gradient and not self.mixing:
+            # Single pass (RWP/ARWP): it is the only pass, so it also records
+            # BatchNorm statistics, as in the official code.
+            self.first_step()
+            loss = closure()
+            self.second_step()
+            return loss
+        if self.mixing and self.mix_batches == "alternate":
+            if self._phase == 0:
+                self.zero_grad(set_to_none=True)
+                loss = closure()
+                self._stash_clean_grads()
+                self._phase = 1
+                return loss
+            self._perturb()
+            loss = self._perturbed_pass(closure)
+            self.second_step()
+            self._phase = 0
+            return loss
+        self.zero_grad(set_to_none=True)
+        loss = closure()
+        self.first_step()
+        self._perturbed_pass(closure)
+        self.second_step()
+        return loss
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs: base optimizer state (momentum, ...),
+        accumulators, counters, the noise generators' states and, between the
+        two batches of an ``"alternate"`` pair, the stashed clean gradient."""
+        if self._perturbed:
+            raise RuntimeError(
+                "state_dict() called between first_step() and second_step(): the weights "
+                "are perturbed; checkpoint after second_step()"
+            )
+        state = super().state_dict()
+        state["base_optimizer"] = self.base_optimizer.state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        state["wrapper"] = {
+            "num_updates": self.num_updates,
+            "phase": self._phase,
+            "last_step_updated": self.last_step_updated,
+            "rng": self.rng.state_dict(),
+            "clean_grads": [self._clean.get(p) for p in params] if self._clean else None,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "base_optimizer" not in state_dict or "wrapper" not in state_dict:
+            raise ValueError(
+                f"this state dict was not made by {type(self).__name__}.state_dict(): "
+                "it lacks the 'base_optimizer' and 'wrapper' entries"
+            )
+        state_dict = dict(state_dict)
+        base = state_dict.pop("base_optimizer")
+        wrapper = state_dict.pop("wrapper")
+        super().load_state_dict(state_dict)
+        self.base_optimizer.load_state_dict(base)
+        self.base_optimizer.param_groups = self.param_groups
+        self.num_updates = int(wrapper["num_updates"])
+        self._phase = int(wrapper["phase"])
+        self.last_step_updated = bool(wrapper["last_step_updated"])
+        self.rng.load_state_dict(wrapper["rng"])
+        self._perturbed = []
+        self._clean = {}
+        if wrapper["clean_grads"] is not None:
+            params = [p for group in self.param_groups for p in group["params"]]
+            for p, grad in zip(params, wrapper["clean_grads"]):
+                if grad is not None:
+                    self._clean[p] = grad.to(device=p.device, dtype=p.dtype).clone()

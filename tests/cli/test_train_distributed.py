@@ -1,0 +1,38 @@
+"""``flatness train`` under torchrun (2 gloo processes) matches one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from flatness.checkpoint import read_checkpoint_file
+from tests.conftest import REPO, run_cli
+
+ARGS = ["--model", "mlp", "--data", "synthetic", "--epochs", "2", "--batch-size", "32", "--quiet", "--device", "cpu"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_data_parallel_equals_single_process(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "cli", "train", *ARGS, "--out", str(tmp_path / "ddp")]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("trained sgd") == 1  # only rank 0 reports
+    single = run_cli("train", *ARGS, "--out", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr
+    a = read_checkpoint_file(tmp_path / "ddp" / "final.pt")
+    b = read_checkpoint_file(tmp_path / "single" / "final.pt")
+    for k in b["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], atol=1e-5, rtol=1e-5)
+    assert abs(a["metrics"][-1]["train_loss"] - b["metrics"][-1]["train_loss"]) < 1e-5

@@ -1,0 +1,48 @@
+"""``flatness compare``: one report comparing checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+
+from cli.common import add_command, add_common, positive_int
+
+EXAMPLES = """\
+  flatness compare runs/sgd/final.pt runs/sam/final.pt runs/marwp/final.pt --out report
+  flatness compare a.pt b.pt --out report --surface 2d --top-k 3 --radii 0 0.01 0.05 0.1
+  flatness compare a.pt b.pt c.pt --out report --force   # reuses report/cache for a.pt and b.pt
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from flatness.report.compare import CompareSettings
+
+    d = CompareSettings()
+    p = add_command(sub, "compare", "Compare checkpoints: losses, curvature, sharpness, surfaces -> HTML/Markdown/JSON report.", EXAMPLES)
+    p.add_argument("checkpoints", nargs="+", help="checkpoint files (.pt)")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--samples", type=positive_int, default=d.samples, help="first N training samples used for every measure")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    p.add_argument("--surface", choices=("1d", "2d", "none"), default=d.surface)
+    p.add_argument("--surface-points", type=positive_int, default=d.surface_points, help="points per surface axis")
+    p.add_argument("--top-k", type=positive_int, default=d.top_k)
+    p.add_argument("--trace-matvecs", type=positive_int, default=d.trace_matvecs)
+    p.add_argument("--density", action="store_true", help="also the SLQ spectral density")
+    p.add_argument("--radii", type=float, nargs="+", default=list(d.radii), help="relative radii of the sharpness curve")
+    p.add_argument("--draws", type=positive_int, default=d.draws, help="noise draws per radius")
+    p.add_argument("--rho", type=float, default=d.rho, help="adversarial sharpness radius")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flatness.device import resolve_device
+    from flatness.report import CompareSettings, compare
+
+    s = CompareSettings(
+        samples=args.samples, batch_size=args.batch_size, surface=args.surface, surface_points=args.surface_points,
+        top_k=args.top_k, trace_matvecs=args.trace_matvecs, density=args.density, radii=tuple(args.radii),
+        draws=args.draws, rho=args.rho, seed=args.seed,
+    )
+    result = compare(args.checkpoints, args.out, s, device=resolve_device(args.device), force=args.force, quiet=args.quiet)
+    print(f"report: {result.report_html} ({len(result.computed)} computed, {len(result.reused)} reused, {result.seconds:.1f}s)")
+    return 0

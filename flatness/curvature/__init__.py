@@ -1,0 +1,173 @@
+"""Curvature of the loss: Hessian-vector products, top eigenvalues, trace, spectral density.
+
+Two layers:
+
+- Estimators are plain functions of an operator (``shape``, ``dtype``,
+  ``device``, ``@``) or of a dense symmetric tensor:
+  :func:`lanczos_top_eigs`, :func:`lanczos_smallest_eig`,
+  :func:`hutchinson_trace`, :func:`hutchpp_trace`, :func:`slq_density`.
+- Model-level helpers build a :class:`HessianOperator` over
+  ``(model, loss_fn, batches)`` and run one estimator:
+  :func:`top_eigenvalues`, :func:`smallest_eigenvalue`,
+  :func:`hessian_trace`, :func:`spectral_density`.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from flatness.curvature import top_eigenvalues
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    >>> batches = [(torch.randn(32, 4), torch.randint(0, 3, (32,)))]
+    >>> r = top_eigenvalues(model, nn.functional.cross_entropy, batches, k=2, dtype=torch.float64)
+    >>> r.converged, r.eigenvalues.shape
+    (True, torch.Size([2]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from flatness.curvature.density import DensityResult, broaden, slq_density
+from flatness.curvature.lanczos import EigenResult, lanczos_smallest_eig, lanczos_top_eigs
+from flatness.curvature.operator import BACKENDS, HessianOperator, LossFn, MatrixOperator, as_operator, dense_hessian
+from flatness.curvature.trace import TraceResult, hutchinson_trace, hutchpp_trace
+
+__all__ = [
+    "BACKENDS",
+    "DensityResult",
+    "EigenResult",
+    "HessianOperator",
+    "MatrixOperator",
+    "TraceResult",
+    "as_operator",
+    "broaden",
+    "dense_hessian",
+    "hessian_trace",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "lanczos_smallest_eig",
+    "lanczos_top_eigs",
+    "slq_density",
+    "smallest_eigenvalue",
+    "spectral_density",
+    "top_eigenvalues",
+]
+
+TRACE_METHODS = ("hutch++", "hutchinson")
+
+
+def top_eigenvalues(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    k: int = 5,
+    tol: float = 1e-6,
+    *,
+    max_iter: int = 500,
+    ncv: int | None = None,
+    params: Iterable[nn.Parameter | str] | None = None,
+    dtype: torch.dtype | None = None,
+    backend: str = "graph",
+    seed: int = 0,
+) -> EigenResult:
+    """The ``k`` largest Hessian eigenvalues of the mean loss over ``batches``.
+
+    Builds a :class:`HessianOperator` (eval mode, exact batch weighting) and
+    runs :func:`lanczos_top_eigs`.
+
+    Args:
+        model: the network (its parameters give the point and the device).
+        loss_fn: ``loss_fn(outputs, targets)``, mean-reduced.
+        batches: an iterable of ``(inputs, targets)``.
+        k: number of eigenvalues.
+        tol: relative residual tolerance (see :func:`lanczos_top_eigs`);
+            below about ``1e-6`` use ``dtype=torch.float64``.
+        max_iter: most Hessian-vector products.
+        ncv: Lanczos basis size (default ``max(2k + 1, 20)``).
+        params: restrict to these parameters (objects or names).
+        dtype: ``torch.float32`` or ``torch.float64`` (default: the model's).
+        backend: HVP backend (see :class:`HessianOperator`).
+        seed: seed of the Lanczos start vector.
+
+    Returns:
+        :class:`EigenResult` with ``.eigenvalues`` (descending),
+        ``.residuals``, ``.converged``, ``.hvp_count``, ``.eigenvectors``.
+    """
+    H = HessianOperator(model, loss_fn, batches, params, dtype=dtype, backend=backend)
+    return lanczos_top_eigs(H, k, tol, max_iter, ncv=ncv, seed=seed)
+
+
+def smallest_eigenvalue(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    tol: float = 1e-6,
+    *,
+    max_iter: int = 500,
+    params: Iterable[nn.Parameter | str] | None = None,
+    dtype: torch.dtype | None = None,
+    backend: str = "graph",
+    seed: int = 0,
+) -> EigenResult:
+    """The smallest (most negative) Hessian eigenvalue; arguments as :func:`top_eigenvalues`."""
+    H = HessianOperator(model, loss_fn, batches, params, dtype=dtype, backend=backend)
+    return lanczos_smallest_eig(H, tol, max_iter, seed=seed)
+
+
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    num_matvecs: int = 99,
+    *,
+    method: str = "hutch++",
+    params: Iterable[nn.Parameter | str] | None = None,
+    dtype: torch.dtype | None = None,
+    backend: str = "graph",
+    seed: int = 0,
+) -> TraceResult:
+    """Stochastic estimate of the Hessian trace with a standard error.
+
+    Args:
+        num_matvecs: Hessian-vector products to spend.
+        method: ``"hutch++"`` (default, Meyer et al. 2021) or ``"hutchinson"``.
+        Others: as :func:`top_eigenvalues`.
+
+    Returns:
+        :class:`TraceResult` with ``.trace``, ``.stderr``, ``.hvp_count``.
+    """
+    if method not in TRACE_METHODS:
+        raise ValueError(f"Unknown method {method!r}; expected one of {', '.join(map(repr, TRACE_METHODS))}")
+    H = HessianOperator(model, loss_fn, batches, params, dtype=dtype, backend=backend)
+    if method == "hutch++":
+        return hutchpp_trace(H, num_matvecs, seed=seed)
+    return hutchinson_trace(H, num_matvecs, seed=seed)
+
+
+def spectral_density(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    num_steps: int = 80,
+    num_runs: int = 2,
+    *,
+    num_points: int = 10_000,
+    sigma: float | None = None,
+    params: Iterable[nn.Parameter | str] | None = None,
+    dtype: torch.dtype | None = None,
+    backend: str = "graph",
+    seed: int = 0,
+) -> DensityResult:
+    """Hessian eigenvalue density by stochastic Lanczos quadrature (:func:`slq_density`).
+
+    Returns:
+        :class:`DensityResult` with ``.grid``, ``.density``, ``.nodes``,
+        ``.weights``, ``.hvp_count``.
+    """
+    H = HessianOperator(model, loss_fn, batches, params, dtype=dtype, backend=backend)
+    return slq_density(H, num_steps, num_runs, num_points=num_points, sigma=sigma, seed=seed)

@@ -134,7 +134,7 @@ def lanczos_top_eigs(
 
     Raises:
         ValueError: ``k`` not in ``[1, n]``, ``ncv`` too small, bad ``tol``,
-            ``max_iter`` or ``which``.
+            ``max_iter`` or ``which``; an operator that returns NaN or inf.
 
     Example:
         >>> import torch
@@ -180,6 +180,8 @@ def lanczos_top_eigs(
         count += stop - start
         # --- restart check: the one host round trip of a cycle ---
         Tj = T[: stop + 1, : stop + 1].to("cpu", torch.float64)
+        if not bool(torch.isfinite(Tj).all()):
+            raise ValueError(f"The operator returned non-finite values (NaN or inf) within the first {count} products")
         theta, S = torch.linalg.eigh(_symmetric(Tj[:stop, :stop]))
         beta = Tj[stop, stop - 1]
         order = _order(theta, which)

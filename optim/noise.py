@@ -198,6 +198,41 @@ def sphere_noise_(
             p.mul_(scale.to(p.device)).add_(b)
 
 
+def accumulate_fisher_(
+    fisher: Sequence[Tensor],
+    sq: Sequence[Tensor],
+    *,
+    beta: float,
+    foreach: bool = False,
+) -> None:
+    r""":math:`F \leftarrow \beta F + s` in place, skipped per device if any ``s`` is not finite.
+
+    The skip (an overflowing ``GradScaler`` step) is decided on the device with
+    ``torch.where``, without a host synchronisation.
+
+    Args:
+        fisher: accumulators.
+        sq: per-row squared sums (see :func:`row_sq_sums`), one per accumulator.
+        beta: decay.
+        foreach: use ``torch._foreach_*`` kernels.
+    """
+    fisher = list(fisher)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, s in enumerate(sq):
+        by_device.setdefault(s.device, []).append(i)
+    for idx in by_device.values():
+        finite = torch.stack([torch.isfinite(sq[i]).all() for i in idx]).all()
+        decay = torch.where(finite, beta, 1.0).to(fisher[idx[0]].dtype)
+        masked = [torch.where(finite, sq[i], 0.0) for i in idx]
+        targets = [fisher[i] for i in idx]
+        if foreach:
+            torch._foreach_mul_(targets, decay)
+            torch._foreach_add_(targets, masked)
+        else:
+            for f, m in zip(targets, masked):
+                f.mul_(decay).add_(m)
+
+
 def update_fisher_(
     fisher: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -217,13 +252,11 @@ def update_fisher_(
             unscaled gradients.
         foreach: use ``torch._foreach_*`` kernels.
 
-    A step whose gradients hold any inf or NaN (an overflowing ``GradScaler``
-    step) leaves every accumulator of that device unchanged - decided on the
-    device with ``torch.where``, without a host synchronisation.
+    A step whose gradients hold any inf or NaN leaves every accumulator of that
+    device unchanged (see :func:`accumulate_fisher_`).
     """
     if not grads:
         return
-    fisher = list(fisher)
     sq = row_sq_sums(grads)
     if inv_scale is not None:
         factor = inv_scale * inv_scale
@@ -232,17 +265,4 @@ def update_fisher_(
         else:
             for s in sq:
                 s.mul_(factor.to(s.device))
-    by_device: dict[torch.device, list[int]] = {}
-    for i, s in enumerate(sq):
-        by_device.setdefault(s.device, []).append(i)
-    for device, idx in by_device.items():
-        finite = torch.stack([torch.isfinite(sq[i]).all() for i in idx]).all()
-        decay = torch.where(finite, beta, 1.0).to(fisher[idx[0]].dtype)
-        masked = [torch.where(finite, sq[i], 0.0) for i in idx]
-        targets = [fisher[i] for i in idx]
-        if foreach:
-            torch._foreach_mul_(targets, decay)
-            torch._foreach_add_(targets, masked)
-        else:
-            for f, m in zip(targets, masked):
-                f.mul_(decay).add_(m)
+    accumulate_fisher_(fisher, sq, beta=beta, foreach=foreach)

@@ -27,6 +27,25 @@ Gradient zeroing - who zeroes what:
   combines gradients, and calls the base optimizer; it leaves ``.grad`` as the
   applied gradient.
 
+Mixed precision: run the closure's forward under ``torch.autocast``. With a
+``GradScaler``, pass it as ``grad_scaler=scaler`` and backpropagate
+``scaler.scale(loss)`` in the closure, but do not call ``scaler.step`` or
+``scaler.update`` yourself: the optimizer calls ``scaler.step(base_optimizer)``
+and ``scaler.update()`` exactly once per update (in ``"alternate"`` mode on
+the second call of a pair). An overflowing step is skipped as usual; the
+weights are still restored exactly, and ARWP accumulators ignore the step and
+otherwise see unscaled gradients::
+
+    scaler = torch.amp.GradScaler("cuda")
+    opt = MARWP(model.parameters(), torch.optim.SGD, lr=0.1, model=model,
+                grad_scaler=scaler)
+    def closure():
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        return loss
+    opt.step(closure)
+
 Performance contract: no host synchronisation inside ``step`` (no ``.item()``,
 ``.cpu()``, ``.tolist()``, no Python branching on tensor values);
 ``torch._foreach_*`` over parameter lists (``foreach=None`` picks them on
@@ -207,6 +226,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
                     foreach=self._foreach(group, params),
                 )
             )
+        self.rng.next_draw()
         self.perturbation.perturb_(slices, self.rng)
         self._perturbed = slices
         self.zero_grad(set_to_none=True)
@@ -343,8 +363,11 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs: base optimizer state (momentum, ...),
-        accumulators, counters, the noise generators' states and, between the
-        two batches of an ``"alternate"`` pair, the stashed clean gradient."""
+        accumulators (``state[p]``), counters, the noise generators' state
+        (seed, stream, draw counter; see :mod:`optim.rng`) and, between the two
+        batches of an ``"alternate"`` pair, the stashed clean gradient. Only
+        tensors and plain Python values, so ``torch.load(weights_only=True)``
+        reads it back."""
         if self._perturbed:
             raise RuntimeError(
                 "state_dict() called between first_step() and second_step(): the weights "

@@ -65,6 +65,20 @@ class TrainConfig:
             raise FlatnessError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.schedule not in SCHEDULES:
             raise FlatnessError(f"unknown --schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        hyper_checks = [
+            ("sigma", self.sigma >= 0, "must be >= 0"),
+            ("lam", 0 <= self.lam <= 1, "must be in [0, 1]"),
+            ("beta", 0 <= self.beta < 1, "must be in [0, 1)"),
+            ("eta", self.eta >= 0, "must be >= 0"),
+            ("rho", self.rho > 0, "must be positive"),
+            ("adaptive_eta", self.adaptive_eta >= 0, "must be >= 0"),
+            ("temperature", self.temperature > 0, "must be positive"),
+        ]
+        for name, ok, rule in hyper_checks:
+            if not ok:
+                raise FlatnessError(f"--{name.replace('_', '-')} {rule}, got {getattr(self, name)}")
+        if self.mix_batches not in ("same", "alternate"):
+            raise FlatnessError(f"unknown --mix-batches {self.mix_batches!r}; expected 'same' or 'alternate'")
         if self.save_every < 0:
             raise FlatnessError(f"--save-every must be >= 0, got {self.save_every}")
         if self.cutout < 0:

@@ -30,7 +30,7 @@ from flatness.models import build_model
 from flatness.models.registry import default_model_kwargs
 from flatness.progress import progress
 from flatness.training.config import TrainConfig
-from flatness.training.methods import MethodSpec, get_method
+from flatness.training.methods import MethodSpec, check_method
 from flatness.training.rundir import RunDir, check_resume_config, prepare_run_dir
 from flatness.training.schedule import make_scheduler
 
@@ -150,9 +150,12 @@ def train(
     from flatness import distributed
 
     config.validate()
-    spec = get_method(config.method)
+    spec = check_method(config)
     dev = distributed.local_device(resolve_device(device))
     dist_info = distributed.init_from_env(dev)
+    from flatness.training.parallel import TrainParallel
+
+    TrainParallel.check(config, dist_info)
     ds = load_dataset(config.data, config.data_dir, cutout=config.cutout, augment=config.augment)
     config.model_kwargs = _resolve_model_kwargs(config, ds)
 
@@ -169,8 +172,6 @@ def train(
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, **config.model_kwargs).to(dev)
-    from flatness.training.parallel import TrainParallel
-
     par = TrainParallel.create(model, config, dist_info)
     optimizer = spec.build(model, config)
     train_x, train_y = ds.train.x.to(dev), ds.train.y.to(dev)
@@ -178,6 +179,7 @@ def train(
     n = train_y.shape[0]
     batches_per_epoch = math.ceil(n / config.batch_size)
     scheduler = make_scheduler(optimizer, config, batches_per_epoch)
+    sigma_schedule = None
 
     start_epoch, step, batch_start = 0, 0, 0
     metrics: list[dict[str, Any]] = []
@@ -226,6 +228,10 @@ def train(
                 f"the last good checkpoint is {run.last if run.last.exists() else 'none'}"
             )
 
+    if config.sigma_inc != 0.0:
+        from optim import CosineInc
+
+        sigma_schedule = CosineInc(optimizer, config.epochs * batches_per_epoch, config.sigma_inc, last_step=step)
     t_start = time.perf_counter()
     model.train()
     bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
@@ -243,6 +249,8 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             optimizer.step(closure)
             scheduler.step()
+            if sigma_schedule is not None:
+                sigma_schedule.step()
             step += 1
             loss = closure.first_loss
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), torch.full_like(bad_step, step), bad_step)

@@ -39,18 +39,10 @@ def _sgd(model: nn.Module, c: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.nesterov)
 
 
-def _base_kwargs(c: TrainConfig) -> dict:
-    return {"lr": c.lr, "momentum": c.momentum, "weight_decay": c.weight_decay, "nesterov": c.nesterov}
-
-
 def _method_table() -> dict[str, MethodSpec]:
-    table = {"sgd": MethodSpec(_sgd)}
-    try:
-        from flatness.training.optim_methods import OPTIM_METHODS
-    except ImportError:
-        return table
-    table.update(OPTIM_METHODS)
-    return table
+    from flatness.training.optim_methods import OPTIM_METHODS
+
+    return {"sgd": MethodSpec(_sgd), **OPTIM_METHODS}
 
 
 def method_names() -> tuple[str, ...]:
@@ -62,3 +54,32 @@ def get_method(name: str) -> MethodSpec:
     if name not in table:
         raise FlatnessError(f"unknown method {name!r}; expected one of {', '.join(table)}")
     return table[name]
+
+
+def check_method(config: TrainConfig) -> MethodSpec:
+    """Validate the method and its hyperparameters before any data is loaded.
+
+    Builds the optimizer over a one-parameter stand-in model, so every
+    hyperparameter check of :mod:`optim` runs (and fails as a one-line
+    FlatnessError) up front.
+    """
+    import dataclasses
+
+    spec = get_method(config.method)
+    probe = dataclasses.replace(config, parallel_roles=False)
+    if config.parallel_roles and config.method not in ("m-rwp", "m-arwp"):
+        raise FlatnessError(f"--parallel-roles is for m-rwp and m-arwp, not {config.method!r}")
+    spec.build(nn.Linear(1, 1), probe)
+    if config.sigma_inc != 0.0 and "sigma_inc" not in spec.hyper:
+        raise FlatnessError(f"--sigma-inc is for the RWP family, not {config.method!r}")
+    if config.sigma_inc < -1.0:
+        raise FlatnessError(f"--sigma-inc must be >= -1, got {config.sigma_inc}")
+    return spec
+
+
+def grad_evals_per_batch(config: TrainConfig) -> int:
+    """Forward-backward passes per batch (``alternate`` mixing and parallel roles: 1)."""
+    spec = get_method(config.method)
+    if config.method in ("m-rwp", "m-arwp") and (config.mix_batches == "alternate" or config.parallel_roles):
+        return 1
+    return spec.grad_evals

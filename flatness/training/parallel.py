@@ -23,17 +23,34 @@ from flatness.training.config import TrainConfig
 
 @dataclass
 class TrainParallel:
+    """Per-rank batch slicing and gradient / buffer averaging.
+
+    With ``--parallel-roles`` the optimizer (:class:`optim.ParallelMARWP`)
+    does its own all-reduce (clean and perturbed roles) and buffer sync, so
+    only the batch slicing and the metric sums are left here.
+    """
+
     model: nn.Module
     info: DistInfo
+    roles: bool = False
+
+    @staticmethod
+    def check(config: TrainConfig, info: DistInfo) -> None:
+        """Refuse settings that cannot run with this many processes."""
+        if config.parallel_roles and not info.active:
+            raise FlatnessError("--parallel-roles needs several processes: run under torchrun --nproc_per_node 2 (or any even number)")
+        if config.parallel_roles and info.world_size % 2:
+            raise FlatnessError(f"--parallel-roles needs an even number of processes, got {info.world_size}")
+        if info.active and config.method == "delta-sam":
+            raise FlatnessError("delta-sam does not run data-parallel yet; run it in one process")
 
     @classmethod
     def create(cls, model: nn.Module, config: TrainConfig, info: DistInfo) -> TrainParallel:
-        if config.parallel_roles and not info.active:
-            raise FlatnessError("--parallel-roles needs several processes: run under torchrun --nproc_per_node 2 (or any even number)")
+        cls.check(config, info)
         if info.active:
-            for p in model.parameters():  # start every rank from rank 0's weights
-                dist.broadcast(p.data, 0)
-        return cls(model, info)
+            for t in list(model.parameters()) + list(model.buffers()):  # start every rank from rank 0's state
+                dist.broadcast(t.data, 0)
+        return cls(model, info, config.parallel_roles)
 
     def local_indices(self, idx: Tensor) -> Tensor:
         if not self.info.active:
@@ -41,7 +58,7 @@ class TrainParallel:
         return idx[self.info.rank :: self.info.world_size]
 
     def after_backward(self) -> None:
-        if not self.info.active:
+        if not self.info.active or self.roles:
             return
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -51,7 +68,7 @@ class TrainParallel:
             g.copy_(part.view_as(g))
 
     def sync_buffers(self) -> None:
-        if not self.info.active:
+        if not self.info.active or self.roles:
             return
         for buf in self.model.buffers():
             if buf.is_floating_point():

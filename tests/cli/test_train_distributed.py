@@ -36,3 +36,19 @@ def test_data_parallel_equals_single_process(tmp_path: Path) -> None:
     for k in b["state_dict"]:
         torch.testing.assert_close(a["state_dict"][k], b["state_dict"][k], atol=1e-5, rtol=1e-5)
     assert abs(a["metrics"][-1]["train_loss"] - b["metrics"][-1]["train_loss"]) < 1e-5
+
+
+def test_parallel_roles_under_torchrun(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "cli", "train", *ARGS, "--method", "m-arwp", "--parallel-roles", "--sigma", "0.01", "--out", str(tmp_path / "par")]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = read_checkpoint_file(tmp_path / "par" / "final.pt")
+    assert ck["config"]["parallel_roles"] is True
+    assert ck["metrics"][-1]["train_loss"] < ck["metrics"][0]["train_loss"]
+
+
+def test_parallel_roles_needs_torchrun(tmp_path: Path) -> None:
+    r = run_cli("train", *ARGS, "--method", "m-arwp", "--parallel-roles", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "torchrun" in r.stderr and not (tmp_path / "x").exists()

@@ -76,12 +76,12 @@ def test_bad_invocations(tmp_path: Path, args: list[str], pattern: str) -> None:
 
 def test_existing_out_untouched_and_demo(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    r = run_cli("demo", "--out", str(out), "--epochs", "2", "--quiet")
+    r = run_cli("demo", "--out", str(out), "--budget-epochs", "2", "--samples", "200", "--surface", "1d", "--quiet")
     assert r.returncode == 0, r.stderr
-    assert "test accuracy" in r.stdout
-    final = out / "runs" / "sgd" / "final.pt"
+    assert "report:" in r.stdout and "m-arwp" in r.stdout
+    final = out / "report" / "report.json"
     before = final.read_bytes()
-    r = run_cli("demo", "--out", str(out), "--epochs", "2", "--quiet")
+    r = run_cli("demo", "--out", str(out), "--budget-epochs", "2", "--samples", "200", "--surface", "1d", "--quiet")
     assert r.returncode == 2 and r.stderr.startswith("error:") and "--force" in r.stderr
     assert final.read_bytes() == before
 

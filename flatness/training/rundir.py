@@ -60,11 +60,31 @@ class RunDir:
         atomic_write_text(self.metrics, "".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
 
 
+def _leftovers_only(root: Path) -> bool:
+    """True when ``root`` holds only what a run killed before writing config.json leaves."""
+    for entry in root.iterdir():
+        if entry.name == "checkpoints" and entry.is_dir() and not any(entry.iterdir()):
+            continue
+        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            continue
+        return False
+    return True
+
+
+def remove_temp_files(run: RunDir) -> None:
+    """Delete temp files of atomic writes interrupted by a kill (never a finished file)."""
+    for folder in (run.root, run.checkpoints):
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+
 def prepare_run_dir(out: str | Path, *, resume: bool, force: bool) -> tuple[RunDir, bool]:
     """Create or reuse a run directory.
 
     Returns:
-        The run dir and whether an existing run is being resumed.
+        The run dir and whether an existing run is being resumed (it has a
+        ``checkpoints/last.pt``).
 
     Raises:
         FlatnessError: the folder exists and is not empty, without ``resume``
@@ -77,16 +97,22 @@ def prepare_run_dir(out: str | Path, *, resume: bool, force: bool) -> tuple[RunD
     nonempty = run.root.exists() and any(run.root.iterdir())
     if nonempty and resume:
         if not run.config.exists():
-            raise FlatnessError(f"--resume: {run.root} is not a flatness run directory (no config.json)")
-        return run, run.last.exists()
+            if not _leftovers_only(run.root):
+                raise FlatnessError(f"--resume: {run.root} is not a flatness run directory (no config.json)")
+        remove_temp_files(run)
+        if run.last.exists():
+            return run, True
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        return run, False
     if nonempty and not force:
         raise FlatnessError(f"run directory {run.root} already exists; pass --resume to continue it or --force to replace it")
     if nonempty and force:
-        if not run.config.exists():
+        if not run.config.exists() and not _leftovers_only(run.root):
             raise FlatnessError(f"--force: {run.root} is not a flatness run directory (no config.json); refusing to delete it")
         for path in (run.config, run.metrics, run.final):
             path.unlink(missing_ok=True)
         shutil.rmtree(run.checkpoints, ignore_errors=True)
+        remove_temp_files(run)
     try:
         run.checkpoints.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -1,0 +1,92 @@
+"""SIGKILL ``flatness train`` at random moments, resume, and compare with an uninterrupted run.
+
+Several methods (SGD, SAM, m-ARWP with the alternate scheme) are killed
+repeatedly - during start-up, mid-epoch, during checkpoint writes - and
+resumed each time with ``--resume``. The final weights, optimizer state and
+metrics.jsonl (all but the wall-clock ``seconds``) must equal an
+uninterrupted run bitwise, and every checkpoint file must load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flatness.checkpoint import read_checkpoint_file
+from tests.conftest import REPO, run_cli
+
+BASE = ["--model", "mlp", "--data", "mnist1d", "--epochs", "3", "--batch-size", "32", "--save-every", "7", "--quiet", "--device", "cpu"]
+METHODS = {
+    "sgd": ["--method", "sgd"],
+    "sam": ["--method", "sam", "--rho", "0.05"],
+    "m-arwp": ["--method", "m-arwp", "--sigma", "0.02", "--mix-batches", "alternate", "--sigma-inc", "1"],
+}
+KILLS_PER_METHOD = 4
+
+
+def _tensors_equal(a, b) -> bool:  # noqa: ANN001 - nested checkpoint values
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_tensors_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHODS))
+def test_random_kills_then_resume(tmp_path: Path, method: str, kill_log: list) -> None:
+    args = BASE + METHODS[method]
+    ref = tmp_path / "ref"
+    r = run_cli("train", *args, "--out", str(ref))
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "killed"
+    rng = random.Random(hash(method) % 1000)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    kills = 0
+    for attempt in range(KILLS_PER_METHOD):
+        cmd = [sys.executable, "-m", "cli", "train", *args, "--out", str(run)] + (["--resume"] if run.exists() else [])
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(1.0, 4.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            # every checkpoint that exists after a kill is complete and loads
+            for ck in list((run / "checkpoints").glob("*.pt")) if (run / "checkpoints").exists() else []:
+                read_checkpoint_file(ck)
+        else:
+            assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+            break
+    kill_log.append((method, kills, KILLS_PER_METHOD))
+    if not (run / "final.pt").exists():
+        r = run_cli("train", *args, "--out", str(run), "--resume")
+        assert r.returncode == 0, r.stderr
+    a, b = read_checkpoint_file(ref / "final.pt"), read_checkpoint_file(run / "final.pt")
+    assert _tensors_equal(a["state_dict"], b["state_dict"])
+    assert _tensors_equal(a["optimizer"], b["optimizer"])
+    assert _metrics(ref) == _metrics(run)
+    assert not list(run.rglob("*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def kill_log():
+    log: list = []
+    yield log
+    landed = sum(k for _, k, _ in log)
+    tried = sum(t for _, _, t in log)
+    sys.stderr.write(f"\n[reliability] train kills landed mid-run: {landed} of {tried} tried ({log})\n")

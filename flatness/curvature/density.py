@@ -97,8 +97,8 @@ def slq_density(
         num_steps: Lanczos steps per run (``m``; capped at ``n``).
         num_runs: independent start vectors.
         num_points: points of the output grid.
-        sigma: Gaussian broadening; default ``1e-3`` of the spread of the
-            nodes (at least ``1e-3 * max|theta|``).
+        sigma: Gaussian broadening (standard deviation); default half the
+            mean spacing of the nodes, ``(max - min) / (2 m)``.
         seed: seed of the start vectors.
 
     Returns:
@@ -137,6 +137,12 @@ def slq_density(
         theta, S = torch.linalg.eigh(0.5 * (Tm + Tm.T))
         nodes[r] = theta
         weights[r] = S[0] ** 2
+    if sigma is None:
+        # Half the mean spacing of m Gauss nodes over the spectrum: narrower
+        # Gaussians resolve the quadrature's nodes, not the density (Lin,
+        # Saad & Yang 2016, "Approximating spectral densities of large matrices").
+        spread = float(nodes.max() - nodes.min())
+        sigma = spread / (2 * m) if spread > 0 else None
     grid, density, sigma = broaden(nodes, weights, num_points=num_points, sigma=sigma)
     return DensityResult(grid, density, nodes, weights, sigma, hvp_count=m * num_runs)
 
@@ -147,8 +153,9 @@ def broaden(
     r"""Gaussian-broadened density :math:`\frac{1}{R}\sum_{r,j} \tau_{rj}\, g_\sigma(t - \theta_{rj})` on a grid.
 
     The grid spans the nodes plus ``6 sigma`` on each side, so the density
-    integrates to 1 up to the grid's resolution (``sigma`` spans at least
-    about 8 grid steps with the defaults).
+    integrates to 1 up to the grid's resolution. The default ``sigma`` is
+    ``1e-3`` of the nodes' spread, or 3 grid steps on coarse grids; a
+    ``sigma`` below a grid step gives a jagged density.
 
     Returns:
         ``(grid, density, sigma)``.
@@ -157,8 +164,10 @@ def broaden(
     weights = weights.to(torch.float64)
     lo, hi = float(nodes.min()), float(nodes.max())
     if sigma is None:
-        sigma = 1e-3 * max(hi - lo, abs(lo), abs(hi))
-        sigma = sigma if sigma > 0 else 1e-3
+        # 1e-3 of the spread, but at least 3 grid steps so coarse grids stay smooth
+        spread = max(hi - lo, 1e-3 * max(abs(lo), abs(hi)))
+        spread = spread if spread > 0 else 1.0
+        sigma = spread * max(1e-3, 3.0 / max(num_points - 13, 1))
     grid = torch.linspace(lo - 6 * sigma, hi + 6 * sigma, num_points, dtype=torch.float64)
     density = torch.zeros(num_points, dtype=torch.float64)
     flat_nodes, flat_weights = nodes.reshape(-1), weights.reshape(-1) / nodes.shape[0]

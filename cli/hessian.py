@@ -1,0 +1,133 @@
+"""``flatness hessian``: top Hessian eigenvalues, trace and spectral density of a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from cli.common import add_command, add_common, check_output_file, positive_int, require_file
+from flatness.errors import FlatnessError
+
+EXAMPLES = """\
+  flatness hessian runs/sgd/final.pt --top-k 5 --out sgd_hessian.json
+  flatness hessian runs/marwp/final.pt --trace --density --samples 2000 --out marwp_hessian.json
+  flatness hessian resnet18_official.pt --model resnet18 --data cifar10 --data-dir ~/data/cifar-10-batches-py \\
+      --samples 5000 --batch-size 500 --device cuda --out r18.json
+  torchrun --nproc_per_node 2 -m cli hessian runs/sgd/final.pt --out sgd_hessian.json
+  flatness plot marwp_hessian.json --log --out density.png   # draws the spectral density (needs --density)
+"""
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+# flatness.curvature.operator.BACKENDS, repeated so that building the parser
+# does not import torch (tests/cli/test_hessian.py checks they agree).
+BACKENDS = ("graph", "backward", "jvp", "linearize")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        sub,
+        "hessian",
+        "Top Hessian eigenvalues (Lanczos), trace (Hutch++) and spectral density (SLQ) of a checkpoint's loss.",
+        EXAMPLES,
+    )
+    p.add_argument("checkpoint", help="flatness checkpoint, or a plain state_dict with --model")
+    p.add_argument("--out", required=True, help="output .json file")
+    p.add_argument("--top-k", type=positive_int, default=5, help="number of largest eigenvalues")
+    p.add_argument("--tol", type=positive_float, default=1e-6, help="relative residual tolerance of the eigenvalues")
+    p.add_argument("--max-iter", type=positive_int, default=500, help="most Hessian-vector products for the eigenvalues")
+    p.add_argument("--trace", action="store_true", help="also estimate the trace")
+    p.add_argument("--trace-method", choices=("hutch++", "hutchinson"), default="hutch++", help="trace estimator")
+    p.add_argument("--trace-matvecs", type=positive_int, default=99, help="Hessian-vector products for the trace")
+    p.add_argument("--density", action="store_true", help="also estimate the spectral density (for flatness plot)")
+    p.add_argument("--density-steps", type=positive_int, default=80, help="Lanczos steps per density run")
+    p.add_argument("--density-runs", type=positive_int, default=2, help="random start vectors for the density")
+    p.add_argument("--samples", type=positive_int, default=None, help="first N samples of the split (default: all)")
+    p.add_argument("--split", choices=("train", "test"), default="train", help="which split the loss is taken on")
+    p.add_argument("--batch-size", type=positive_int, default=1000, help="samples per batch (memory only)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="precision of the Hessian-vector products")
+    p.add_argument("--backend", choices=BACKENDS, default="graph", help="how Hessian-vector products are computed")
+    p.add_argument("--model", default=None, help="model name, for plain state_dicts from other tools")
+    p.add_argument("--data", default=None, help="dataset (default: the checkpoint's)")
+    p.add_argument("--data-dir", default=None, help="folder of the CIFAR python-pickle batches")
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from flatness.atomic import atomic_write_text
+    from flatness.curvature.report import hessian_report
+    from flatness.device import resolve_device
+    from flatness.distributed import init_from_env, local_device
+    from flatness.progress import progress
+
+    require_file(args.checkpoint, "checkpoint")
+    out = Path(args.out)
+    if out.suffix.lower() != ".json":
+        raise FlatnessError(f"--out must name a .json file, got {out}")
+    check_output_file(out, args.force)
+    device = local_device(resolve_device(args.device))
+    dist = init_from_env(device)
+    try:
+        with progress(total=None, unit="HVP", desc="hessian", quiet=args.quiet or not dist.is_main) as bar:
+            result = hessian_report(
+                args.checkpoint,
+                top_k=args.top_k,
+                tol=args.tol,
+                max_iter=args.max_iter,
+                trace=args.trace,
+                trace_method=args.trace_method,
+                trace_matvecs=args.trace_matvecs,
+                density=args.density,
+                density_steps=args.density_steps,
+                density_runs=args.density_runs,
+                samples=args.samples,
+                split=args.split,
+                batch_size=args.batch_size,
+                dtype=args.dtype,
+                backend=args.backend,
+                model=args.model,
+                data=args.data,
+                data_dir=args.data_dir,
+                device=device,
+                seed=args.seed,
+                on_hvp=lambda _count: bar.update(1),
+            )
+        if dist.is_main:
+            atomic_write_text(out, json.dumps(result, indent=2, allow_nan=False) + "\n")
+            print(summary(result, out))
+    finally:
+        if dist.active:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def summary(result: dict, out: Path) -> str:
+    """A few human lines about a result of :func:`flatness.curvature.report.hessian_report`."""
+    eigs = ", ".join(f"{v:.6g}" for v in result["top_eigenvalues"])
+    state = "converged" if result["converged"] else "NOT converged (raise --max-iter or --tol)"
+    lines = [
+        f"hessian of {result['checkpoint']}: {result['model']} on {result['samples']} {result['dataset']} {result['split']} samples, "
+        f"{result['num_params']} parameters, {result['dtype']}, BatchNorm {result['bn_mode']}",
+        f"  top-{len(result['top_eigenvalues'])} eigenvalues: {eigs}  ({state}, {result['hvp_counts']['eigenvalues']} HVPs)",
+    ]
+    if result["trace"] is not None:
+        err = f" +- {result['trace_stderr']:.3g}" if result["trace_stderr"] is not None else ""
+        lines.append(f"  trace: {result['trace']:.6g}{err}  ({result['trace_method']}, {result['hvp_counts']['trace']} HVPs)")
+    if result["density"] is not None:
+        lines.append(f"  density: {result['density']['num_runs']} SLQ runs x {result['density']['num_steps']} steps ({result['hvp_counts']['density']} HVPs)")
+    lines.append(f"  wrote {out} ({result['hvp_count']} HVPs, {result['seconds']:.1f} s)")
+    return "\n".join(lines)

@@ -158,9 +158,9 @@ def evaluate_points(
                 loss_sum += loss.double() * int(y.shape[0])
                 correct += corr.double()
         else:
-            for k in range(K):
-                params = dict(zip(names, point_weights(center, directions, coords[k].tolist())))
-                for x, y in batches:
+            sets = [dict(zip(names, point_weights(center, directions, coords[k].tolist()))) for k in range(K)]
+            for x, y in batches:  # each batch once, every point of the chunk on it
+                for k, params in enumerate(sets):
                     out = functional_call(model, params, (x,))
                     loss_sum[k] += loss_fn(out, y).double() * int(y.shape[0])
                     correct[k] += _correct(out, y).double()
@@ -199,15 +199,17 @@ def auto_chunk_size(
     budget_bytes: int | None = None,
     max_points: int = 64,
 ) -> int:
-    """Points per chunk.
+    """Points per chunk (a chunk is evaluated, gathered and written as one unit).
 
-    For ``"loop"`` a chunk only sets how often results are written (8
-    points). For ``"vmap"`` it is bounded by memory: the stacked weights plus
-    every module's output for one batch, per point, must fit in
+    For ``"loop"`` it only sets how often results are written: about 65,536
+    sample evaluations per chunk (65 points for 1,000 samples), between 1
+    and 256 points. For ``"vmap"`` it is also bounded by memory: the stacked
+    weights plus every module's output for one batch, per point, must fit in
     ``budget_bytes`` (half the free GPU memory, or 1 GiB on the CPU).
     """
+    samples = sum(int(y.shape[0]) for _, y in batches)
     if method != "vmap":
-        return 8
+        return int(max(1, min(256, 65536 // max(samples, 1))))
     device = next(model.parameters()).device
     if budget_bytes is None:
         if device.type == "cuda":

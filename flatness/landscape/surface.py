@@ -83,16 +83,13 @@ def _on_main(fn: Callable[[], T], info: distributed.DistInfo) -> T:
     return result
 
 
-def _broadcast_directions(directions: list[Direction] | None, center: Sequence[Tensor], dim: int, info: distributed.DistInfo) -> list[Direction]:
-    if not info.active:
-        assert directions is not None  # noqa: S101 - single process always has them
-        return directions
-    if not info.is_main:
-        directions = [[torch.empty_like(w) for w in center] for _ in range(dim)]
-    assert directions is not None  # noqa: S101
-    for direction in directions:
-        for t in direction:
-            dist.broadcast(t, src=0)
+def _broadcast_directions(chosen: list[list[Direction]], center: Sequence[Tensor], dim: int, info: distributed.DistInfo) -> list[Direction]:
+    """Rank 0's directions (``chosen[0]``) on every rank."""
+    directions = chosen[0] if chosen else [[torch.empty_like(w) for w in center] for _ in range(dim)]
+    if info.active:
+        for direction in directions:
+            for t in direction:
+                dist.broadcast(t, src=0)
     return directions
 
 
@@ -233,7 +230,9 @@ def loss_surface(
                 if len(direction) != len(center) or any(d.shape != w.shape for d, w in zip(direction, center)):
                     raise FlatnessError("a direction does not match the model's parameters (count or shapes)")
         how = resolve_method(method, device)
-        if how == "vmap" and method == "auto" and not vmap_works(model, batches, center, dirs, loss_fn=loss_fn):
+        if how == "vmap" and not vmap_works(model, batches, center, dirs, loss_fn=loss_fn):
+            if method == "vmap":
+                raise FlatnessError("this model cannot be evaluated with torch.func.vmap; use --method loop (or auto)")
             how = "loop"
         size = chunk_size if chunk_size is not None else auto_chunk_size(model, batches, how)
         if size <= 0:
@@ -249,9 +248,8 @@ def loss_surface(
         }
 
     plan = _on_main(setup, info)
-    dirs = _broadcast_directions(chosen[0] if chosen else None, center, dim, info)
-    if plan["create"]:
-        assert out_path is not None  # noqa: S101
+    dirs = _broadcast_directions(chosen, center, dim, info)
+    if plan["create"] and out_path is not None:
         _on_main(
             lambda: create_surface_file(
                 out_path,
@@ -331,7 +329,7 @@ def loss_surface(
 def _fingerprint(weights: Sequence[Tensor]) -> str:
     h = hashlib.sha256()
     for w in weights:
-        h.update(w.detach().cpu().contiguous().numpy().tobytes())
+        h.update(w.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -403,9 +401,6 @@ def surface_from_checkpoint(
     Raises:
         FlatnessError: any user error (bad grid, missing files, wrong combination of flags...).
     """
-    from flatness.analysis import prepare_analysis
-    from flatness.checkpoint import load_checkpoint
-    from flatness.data import analysis_batches, load_dataset
     from flatness.device import resolve_device
 
     if dim is None:
@@ -448,17 +443,59 @@ def surface_from_checkpoint(
             raise FlatnessError(f"checkpoint {target} does not exist")
 
     dev = distributed.local_device(resolve_device(device))
-    distributed.init_from_env(dev)
+    joined = not (dist.is_available() and dist.is_initialized())
+    info = distributed.init_from_env(dev)
+    joined = joined and info.active
+    surface = _surface_from_checkpoint(
+        ckpt_path, dev, out=out, xa=xa, ya=ya, dim=dim, directions=directions, ignore=ignore, to=to, run_dir=run_dir,
+        samples=samples, split=split, test=test, batch_size=batch_size, model=model, data=data, data_dir=data_dir,
+        seed=seed, chunk_size=chunk_size, method=method, resume=resume, force=force, quiet=quiet, callback=callback,
+    )
+    if joined:  # we joined the group: leave it together, so no rank exits under a peer still talking
+        dist.barrier()
+        dist.destroy_process_group()
+    return surface
+
+
+def _surface_from_checkpoint(
+    ckpt_path: Path,
+    dev: torch.device,
+    *,
+    out: Path,
+    xa: Axis,
+    ya: Axis | None,
+    dim: int,
+    directions: str,
+    ignore: str,
+    to: list[Path],
+    run_dir: Path | None,
+    samples: int | None,
+    split: str,
+    test: bool,
+    batch_size: int,
+    model: str | None,
+    data: str | None,
+    data_dir: str | Path | None,
+    seed: int,
+    chunk_size: int | None,
+    method: str,
+    resume: bool,
+    force: bool,
+    quiet: bool,
+    callback: Callback | None,
+) -> Surface:
+    from flatness.analysis import prepare_analysis
+    from flatness.checkpoint import load_checkpoint
+    from flatness.data import analysis_batches, load_dataset
+
     analysis = prepare_analysis(
         ckpt_path, model=model, data=data, data_dir=data_dir, split=split, samples=samples, batch_size=batch_size, device=dev
     )
     net = analysis.model
     test_batches = None
-    n_test = None
     if test and split != "test":
         ds = load_dataset(analysis.dataset, data_dir if data_dir is not None else analysis.checkpoint.config.get("data_dir"), augment=False)
-        n_test = min(analysis.samples, len(ds.test))
-        test_batches = analysis_batches(ds.test, samples=n_test, batch_size=batch_size, device=dev)
+        test_batches = analysis_batches(ds.test, samples=min(analysis.samples, len(ds.test)), batch_size=batch_size, device=dev)
     center = model_weights(net)
 
     settings: dict[str, Any] = {
@@ -505,8 +542,7 @@ def surface_from_checkpoint(
                 explained_variance_=res.explained_variance,
                 singular_values_=res.singular_values,
             )
-        if dim == 2:
-            assert dirs is not None and not isinstance(dirs, str)  # noqa: S101
+        if dim == 2 and isinstance(dirs, list):
             coords = project_trajectory(cpu_center, trajectory, [[d.cpu() for d in direction] for direction in dirs])
             extra.update(proj_xcoord=coords[:, 0], proj_ycoord=coords[:, 1], proj_epochs=np.asarray(epochs, dtype=np.int64))
 

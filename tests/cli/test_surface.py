@@ -1,0 +1,216 @@
+"""``flatness surface``: error table, interpolation, PCA + trajectory, SIGKILL + --resume, torchrun."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from cli.main import main
+from flatness.checkpoint import save_checkpoint
+from flatness.landscape import read_surface
+from flatness.models import build_model
+from tests.conftest import REPO, run_cli
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: avoid OpenMP spinning on a shared 2-core machine
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _run_dir(tmp_path: Path, epochs: int = 5) -> Path:
+    """A run directory whose epoch checkpoints move along a curved path in a 2-D plane to final.pt."""
+    torch.manual_seed(0)
+    kw = {"in_features": 40, "num_classes": 10}
+    net = build_model("cnn1d", **kw)
+    final = {k: v.clone() for k, v in net.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    u = {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in final.items()}
+    v_ = {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in final.items()}
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    base = {"model": "cnn1d", "model_kwargs": kw, "dataset": "synthetic", "config": {"model": "cnn1d", "data": "synthetic"}, "metrics": []}
+    for e in range(1, epochs + 1):
+        t = (epochs - e) / (epochs - 1)
+        state = {k: final[k] + t**2 * u[k] + np.sin(np.pi * t) * v_[k] for k in final}
+        save_checkpoint(run / "checkpoints" / f"epoch_{e:04d}.pt", {**base, "state_dict": state, "epoch": e, "step": e})
+    save_checkpoint(run / "final.pt", {**base, "state_dict": final, "epoch": epochs, "step": epochs})
+    return run
+
+
+ERRORS = [
+    (["--x", "-1:1"], r"--x expects MIN:MAX:N"),
+    (["--x", "-1:1:0"], r"positive integer, got 0"),
+    (["--x", "1:-1:5"], r"MIN must be smaller than MAX"),
+    (["--x=-1:1:3", "--dim", "2"], r"--dim 2 needs --y"),
+    (["--x", "-1:1:3", "--dim", "1", "--y", "-1:1:3"], r"--y is only used with --dim 2"),
+    (["--x", "-1:1:3", "--dim", "2", "--y", "0:0:3"], r"--y 0:0:3: grid MIN must be smaller"),
+    (["--x", "-1:1:3", "--directions", "interp"], r"needs one checkpoint \(--to CKPT2\), got 0"),
+    (["--x", "-1:1:3", "--y", "-1:1:3", "--directions", "interp", "--to", "{ckpt}"], r"needs two checkpoints"),
+    (["--x", "-1:1:3", "--to", "{ckpt}", "--directions", "filter"], r"--to is only used with --directions interp"),
+    (["--x", "-1:1:3", "--directions", "pca"], r"--directions pca needs --run"),
+    (["--x", "-1:1:3", "--directions", "pca", "--run", "{tmp}"], r"has no checkpoints/epoch_XXXX.pt"),
+    (["--x", "-1:1:3", "--to", "{tmp}/nope.pt"], r"checkpoint .*nope.pt does not exist"),
+    (["--x", "-1:1:3", "--to", "{mlp}"], r"holds model 'mlp', but the centre checkpoint holds 'cnn1d'"),
+    (["--x", "-1:1:3", "--samples", "100000"], r"--samples 100000 is more than the 256 samples"),
+    (["--x", "-1:1:3", "--out", "{tmp}/s.txt"], r"--out must be a .h5 file"),
+    (["--x", "-1:1:3", "--out", "{existing}"], r"already exists; pass --resume to continue it or --force"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), ERRORS, ids=[m[:30] for _, m in ERRORS])
+def test_errors(tmp_path: Path, make_checkpoint, capsys: pytest.CaptureFixture, args: list[str], message: str) -> None:  # noqa: ANN001
+    ckpt = make_checkpoint()
+    mlp = make_checkpoint(model="mlp", name="mlp.pt")
+    existing = tmp_path / "exists.h5"
+    existing.write_bytes(b"")
+    fill = {"ckpt": str(ckpt), "tmp": str(tmp_path), "mlp": str(mlp), "existing": str(existing)}
+    args = [a.format(**fill) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "out.h5")]
+    code, out, err = _cli(capsys, "surface", ckpt, *args, "--quiet")
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    assert __import__("re").search(message, err), err
+
+
+def test_usage_errors_exit_2(make_checkpoint, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
+    ckpt = make_checkpoint()
+    for args in (["--x", "-1:1:3", "--samples", "0"], ["--x", "-1:1:3", "--dim", "3"], []):
+        with pytest.raises(SystemExit) as e:
+            main(["surface", str(ckpt), *args])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _, err = _cli(capsys, "surface", tmp_path / "none.pt", "--x", "-1:1:3", "--out", tmp_path / "a.h5")
+    assert code == 2 and "does not exist" in err
+
+
+def test_resume_with_other_settings_is_refused(tmp_path: Path, make_checkpoint, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
+    ckpt = make_checkpoint()
+    out = tmp_path / "s.h5"
+    code, stdout, err = _cli(capsys, "surface", ckpt, "--x", "-1:1:3", "--samples", "32", "--out", out, "--quiet")
+    assert code == 0, err
+    assert f"wrote {out}: 3 train_loss" in stdout
+    code, _, err = _cli(capsys, "surface", ckpt, "--x", "-1:1:3", "--samples", "64", "--out", out, "--resume", "--quiet")
+    assert code == 2 and "cannot resume" in err and "samples: 32 in the file, 64 now" in err
+    code, _, err = _cli(capsys, "surface", ckpt, "--x", "-1:1:3", "--samples", "64", "--out", out, "--force", "--quiet")
+    assert code == 0, err
+    code, _, err = _cli(capsys, "surface", ckpt, "--x", "-1:1:3", "--samples", "64", "--out", out, "--resume", "--quiet")
+    assert code == 0, err  # complete file, same settings: nothing to do
+
+
+def test_interpolation_line_hits_both_checkpoints(tmp_path: Path, make_checkpoint, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
+    from flatness.analysis import prepare_analysis
+
+    a, b = make_checkpoint(seed=0), make_checkpoint(seed=1)
+    out = tmp_path / "line.h5"
+    code, _, err = _cli(capsys, "surface", a, "--to", b, "--x", "-0.5:1.5:5", "--samples", "64", "--test", "--out", out, "--quiet")
+    assert code == 0, err
+    s = read_surface(out)
+    assert s.settings["directions"] == "interp" and s.settings["ignore"] == "none"
+    for path, i in ((a, 1), (b, 3)):  # x = 0 and x = 1
+        an = prepare_analysis(path, samples=64)
+        with torch.no_grad():
+            loss = sum(an.loss_fn(an.model(x), y).item() * len(y) for x, y in an.batches) / an.samples
+        assert s["train_loss"][i] == pytest.approx(loss, abs=1e-5)
+    assert "test_loss" in s.values
+
+
+def test_pca_surface_with_trajectory_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = _run_dir(tmp_path)
+    out = tmp_path / "pca.h5"
+    code, _, err = _cli(capsys, "surface", run, "--directions", "pca", "--x", "-0.2:0.2:5", "--y", "-0.2:0.2:4",
+                        "--samples", "32", "--out", out, "--quiet")
+    assert code == 0, err
+    s = read_surface(out)
+    assert s.settings["directions"] == "pca" and s.settings["run"] == str(run.resolve())
+    ratio = s.extra["explained_variance_ratio_"]
+    assert ratio.sum() == pytest.approx(1.0, abs=1e-4)  # the path lies in a plane
+    traj = s.trajectory
+    assert traj.shape == (5, 2) and np.abs(traj[-1]).max() < 1e-5  # last epoch is the centre
+    np.testing.assert_array_equal(s.extra["proj_epochs"], [1, 2, 3, 4, 5])
+    fig = tmp_path / "traj.png"
+    code, _, err = _cli(capsys, "plot", out, "--kind", "contour", "--trajectory", "--out", fig)
+    assert code == 0, err
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _datasets(path: Path) -> dict[str, np.ndarray]:
+    found: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: found.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+        found["@attrs"] = np.array(sorted((k, str(v)) for k, v in f.attrs.items()))
+    return found
+
+
+def _assert_same_file(a: Path, b: Path) -> None:
+    da, db = _datasets(a), _datasets(b)
+    assert sorted(da) == sorted(db)
+    for key in da:
+        assert np.array_equal(da[key], db[key], equal_nan=da[key].dtype.kind == "f"), key
+
+
+def test_sigkill_then_resume_is_identical(tmp_path: Path, make_checkpoint) -> None:  # noqa: ANN001
+    ckpt = make_checkpoint()
+    args = ["surface", str(ckpt), "--x", "-1:1:17", "--y", "-1:1:13", "--samples", "64", "--chunk-size", "3", "--quiet"]
+    ref = tmp_path / "ref.h5"
+    r = run_cli(*args, "--out", str(ref), env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    killed = tmp_path / "killed.h5"
+    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(REPO), "FLATNESS_SURFACE_CHUNK_DELAY": "0.02"}
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *args, "--out", str(killed)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:  # the hidden hook reports "points DONE/TOTAL" after each written chunk
+        if line.startswith("points ") and int(line.split()[1].split("/")[0]) >= 30:
+            break
+    time.sleep(random.Random(0).uniform(0.0, 0.02))  # anywhere in the next chunk: computing, writing or sleeping
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    mid = read_surface(killed)
+    missing = int(np.isnan(mid["train_loss"]).sum())
+    assert 0 < missing <= 17 * 13 - 30, missing  # killed after 10 or 11 of 74 chunks, long before the end
+    r = run_cli(*args, "--out", str(killed), "--resume", env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    _assert_same_file(ref, killed)
+
+
+def test_two_gloo_processes_equal_one(tmp_path: Path, make_checkpoint) -> None:  # noqa: ANN001
+    ckpt = make_checkpoint()
+    args = ["surface", str(ckpt), "--x", "-1:1:9", "--y", "-1:1:7", "--samples", "64", "--test", "--chunk-size", "4",
+            "--device", "cpu", "--quiet"]
+    one = tmp_path / "one.h5"
+    r = run_cli(*args, "--out", str(one), env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    two = tmp_path / "two.h5"
+    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli", *args, "--out", str(two)]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("wrote ") == 1  # only rank 0 reports
+    _assert_same_file(one, two)

@@ -1,0 +1,110 @@
+"""Batched surface evaluation against the plain per-point loop (float64), BN handling, model untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from flatness.landscape import evaluate_points, evaluate_points_reference, loss_surface, model_weights, random_directions
+from flatness.landscape.grid import grid_points
+from flatness.models import build_model
+
+
+def _setup(batch_norm: bool) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    torch.manual_seed(0)
+    net = build_model("cnn1d", in_features=40, num_classes=10, channels=6, batch_norm=batch_norm).double()
+    if batch_norm:  # non-trivial running statistics, as after training
+        net.train()
+        with torch.no_grad():
+            for _ in range(3):
+                net(torch.randn(32, 40, dtype=torch.float64) * 2 + 0.5)
+    net.eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(n, 40, generator=g, dtype=torch.float64), torch.randint(0, 10, (n,), generator=g)) for n in (24, 24, 13)]
+    return net, batches
+
+
+@pytest.mark.parametrize("method", ["loop", "vmap"])
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_surface_equals_per_point_reference(method: str, batch_norm: bool) -> None:
+    net, batches = _setup(batch_norm)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    center = model_weights(net)
+    dirs = random_directions(center, 2, seed=0)
+    xs, ys = np.linspace(-1, 1, 5), np.linspace(-0.5, 1.5, 4)
+    pts = grid_points(xs, ys)
+    ours = evaluate_points(net, batches, center, dirs, pts, method=method).numpy()
+    ref = evaluate_points_reference(net, batches, center, dirs, pts)
+    assert np.abs(ours - ref).max() <= 1e-6
+    assert not np.allclose(ref[:, 0], ref[0, 0])  # the surface is not flat: the test means something
+    for k, v in net.state_dict().items():  # weights and BN running stats untouched
+        assert torch.equal(v, before[k]), k
+
+
+def test_loss_surface_matches_reference_through_the_public_api() -> None:
+    net, batches = _setup(True)
+    s = loss_surface(net, batches, "-1:1:4", "-1:1:3", seed=2, chunk_size=5)
+    pts = grid_points(s.xcoordinates, s.ycoordinates)
+    dirs = [[torch.as_tensor(a) for a in d] for d in s.directions]
+    ref = evaluate_points_reference(net, batches, model_weights(net), dirs, pts)
+    assert np.abs(s["train_loss"].reshape(-1) - ref[:, 0]).max() <= 1e-6
+    assert np.abs(s["train_acc"].reshape(-1) - ref[:, 1]).max() <= 1e-6
+    i, j = 1, 2  # [i, j] is the value at (x_i, y_j)
+    one = evaluate_points_reference(net, batches, model_weights(net), dirs, np.array([[s.xcoordinates[i], s.ycoordinates[j]]]))
+    assert abs(s["train_loss"][i, j] - one[0, 0]) <= 1e-6
+
+
+def test_training_flag_is_restored_and_centre_is_the_plain_loss() -> None:
+    net, batches = _setup(True)
+    net.train()
+    center = model_weights(net)
+    dirs = random_directions(center, 1, seed=0)
+    out = evaluate_points(net, batches, center, dirs, np.zeros((1, 1)))
+    assert net.training
+    net.eval()
+    with torch.no_grad():
+        n = sum(len(y) for _, y in batches)
+        loss = sum(nn.functional.cross_entropy(net(x), y).item() * len(y) for x, y in batches) / n
+    assert abs(float(out[0, 0]) - loss) <= 1e-12
+
+
+def test_1d_surface_and_test_split() -> None:
+    net, batches = _setup(False)
+    s = loss_surface(net, batches[:2], "-1:1:7", test_batches=batches[2:], split="train")
+    assert s.dim == 1 and set(s.values) == {"train_loss", "train_acc", "test_loss", "test_acc"}
+    assert s["test_loss"].shape == (7,)
+    assert np.all((s["train_acc"] >= 0) & (s["train_acc"] <= 100))
+
+
+class _Branchy(nn.Module):
+    """Data-dependent Python control flow: cannot run under vmap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(40, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x)
+        return out if float(out.sum()) > -1e9 else -out
+
+
+def test_models_that_cannot_be_vmapped_fall_back_or_fail_clearly() -> None:
+    from flatness.errors import FlatnessError
+    from flatness.landscape.evaluate import auto_chunk_size, vmap_works
+
+    net = _Branchy()
+    batches = [(torch.randn(8, 40), torch.randint(0, 10, (8,)))]
+    center = model_weights(net)
+    dirs = random_directions(center, 1, seed=0)
+    assert not vmap_works(net, batches, center, dirs)
+    assert vmap_works(*_setup(False), model_weights(_setup(False)[0]), random_directions(model_weights(_setup(False)[0]), 1))
+    with pytest.raises(FlatnessError, match="cannot be evaluated with torch.func.vmap"):
+        loss_surface(net, batches, "-1:1:3", method="vmap")
+    s = loss_surface(net, batches, "-1:1:3", method="auto")  # CPU: the loop
+    assert not np.isnan(s["train_loss"]).any()
+    assert auto_chunk_size(net, batches, "loop") == 256  # 8 samples: the cap
+    assert auto_chunk_size(net, [(torch.zeros(1000, 40), torch.zeros(1000))], "loop") == 65
+    assert 1 <= auto_chunk_size(*_setup(False), "vmap") <= 64
+    assert auto_chunk_size(*_setup(False), "vmap", budget_bytes=1) == 1

@@ -14,6 +14,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _one_thread() -> None:
+    """One intra-op thread in the test process and its subprocesses.
+
+    CI has 2 cores; with several threads each tiny op pays a thread sync, and
+    subprocess tests running beside the main process oversubscribe the cores.
+    Bitwise comparisons always compare runs made with the same thread count.
+    """
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep generated datasets out of the user's home (shared across the session)."""
     if "FLATNESS_CACHE" not in os.environ:

@@ -16,7 +16,7 @@ EXAMPLES = """\
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "demo", "Train SGD, SAM and m-ARWP on MNIST-1D offline with one budget, then compare them.", EXAMPLES)
     p.add_argument("--out", default="demo", help="output folder (runs/ and report/)")
-    p.add_argument("--budget-epochs", type=positive_int, default=40, help="budget in one-gradient-per-batch epochs (SGD's epochs)")
+    p.add_argument("--budget-epochs", type=positive_int, default=60, help="budget in one-gradient-per-batch epochs (SGD's epochs)")
     p.add_argument("--samples", type=positive_int, default=1000, help="training samples the analysis uses")
     p.add_argument("--surface", choices=("1d", "2d", "none"), default="2d", help="loss surfaces in the report")
     add_common(p)

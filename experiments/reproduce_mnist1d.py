@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--samples", type=int, default=1000, help="training samples for the Hessian measures")
     p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier timings)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from flatness.data import load_dataset

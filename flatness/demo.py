@@ -49,7 +49,7 @@ def run_demo(
     Args:
         out: demo folder: ``runs/<method>/`` and ``report/``.
         budget_epochs: gradient-evaluation budget in epochs of one gradient
-            per batch (SGD trains this many epochs, SAM and m-ARWP half).
+            per batch (SGD and m-ARWP train this many epochs, SAM half).
         force: replace an existing demo folder (only one made by the demo).
 
     Returns:

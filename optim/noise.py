@@ -153,15 +153,14 @@ def filterwise_noise_(
     stds = filterwise_std(params, sigma=sigma, fisher=fisher, eta=eta, foreach=foreach)
     if foreach:
         torch._foreach_copy_(list(backups), list(params))
-        for p in params:  # torch has no _foreach_ random kernel
-            p.normal_(generator=_generator_for(generator, p.device))
-        torch._foreach_mul_(list(params), stds)
-        torch._foreach_add_(list(params), list(backups))
     else:
-        for p, b, std in zip(params, backups, stds):
+        for p, b in zip(params, backups):
             b.copy_(p)
-            p.normal_(generator=_generator_for(generator, p.device))
-            p.mul_(std).add_(b)
+    # Both paths loop here: torch has no _foreach_ random kernel, and no
+    # in-place _foreach_ form of ``p <- b + p * std`` (one fused pass).
+    for p, b, std in zip(params, backups, stds):
+        p.normal_(generator=_generator_for(generator, p.device))
+        torch.addcmul(b, p, std, out=p)
 
 
 def sphere_noise_(

@@ -75,7 +75,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
 
 
 class _Closure:
-    """Forward + backward on one batch; remembers the first pass's loss and logits.
+    """Forward + backward on one batch; remembers the first gradient pass's loss and logits.
 
     For per-sample methods (delta-SAM) it returns the per-sample losses and
     leaves the backward to the optimizer.
@@ -94,7 +94,7 @@ class _Closure:
             loss = losses
         else:
             loss = F.cross_entropy(out, self.y)
-        if self.first_loss is None:
+        if self.first_loss is None and torch.is_grad_enabled():  # delta-SAM's probes run without grad
             self.first_loss = loss.detach().mean()
             self.first_logits = out.detach()
         if not self.spec.per_sample_loss:
@@ -115,6 +115,37 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# What a checkpoint must hold for ``--resume`` (see ``payload`` in :func:`train`).
+RESUME_KEYS = ("state_dict", "optimizer", "scheduler", "rng", "epoch", "step", "batch_in_epoch", "epoch_sums", "metrics")
+
+
+def _checked_model(config: TrainConfig, ds: Dataset, dev: torch.device) -> nn.Module:
+    """Build the model and run one forward pass on two training samples (eval mode, no grad).
+
+    Raises:
+        FlatnessError: the model cannot be built with ``model_kwargs``, does not take
+            the data's inputs, or has another number of outputs than the data has classes.
+    """
+    try:
+        model = build_model(config.model, **config.model_kwargs).to(dev)
+    except (RuntimeError, ValueError) as e:
+        raise FlatnessError(f"model {config.model!r} cannot be built with {config.model_kwargs}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(ds.train.x[:2].to(dev))
+    except RuntimeError as e:
+        raise FlatnessError(
+            f"model {config.model!r} does not take {config.data} inputs of shape {ds.input_shape}: {str(e).splitlines()[0]}"
+        ) from None
+    model.train()
+    if out.ndim != 2 or out.shape[1] != ds.num_classes:
+        raise FlatnessError(
+            f"model {config.model!r} gives {out.shape[-1]} outputs, but {config.data} has {ds.num_classes} classes (check --model-kwargs)"
+        )
+    return model
 
 
 def _resolve_model_kwargs(config: TrainConfig, ds: Dataset) -> dict[str, Any]:
@@ -158,6 +189,8 @@ def train(
     TrainParallel.check(config, dist_info)
     ds = load_dataset(config.data, config.data_dir, cutout=config.cutout, augment=config.augment)
     config.model_kwargs = _resolve_model_kwargs(config, ds)
+    torch.manual_seed(config.seed)
+    model = _checked_model(config, ds, dev)  # before the run directory is touched: a bad model leaves nothing behind
 
     if dist_info.is_main:
         run, resuming = prepare_run_dir(out, resume=resume, force=force)
@@ -167,11 +200,7 @@ def train(
         torch.distributed.barrier()
     if resume and run.config.exists():
         check_resume_config(run.read_config(), config.to_dict(), run.root)
-    if dist_info.is_main:
-        run.write_config(config.to_dict())
 
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, **config.model_kwargs).to(dev)
     par = TrainParallel.create(model, config, dist_info)
     optimizer = spec.build(model, config)
     train_x, train_y = ds.train.x.to(dev), ds.train.y.to(dev)
@@ -185,15 +214,26 @@ def train(
     metrics: list[dict[str, Any]] = []
     acc = torch.zeros(3, dtype=torch.float64, device=dev)  # loss sum, correct, count of the epoch so far
     if resuming:
+        # Everything is loaded and checked before the first write, so a last.pt that does not
+        # belong to this run (or carries a pickle payload) changes nothing on disk.
         ckpt = read_checkpoint_file(run.last, map_location=dev)
-        model.load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"], dev)
-        start_epoch, step, batch_start = int(ckpt["epoch"]), int(ckpt["step"]), int(ckpt["batch_in_epoch"])
-        metrics = list(ckpt["metrics"])
-        acc = ckpt["epoch_sums"].to(dev)
-        if dist_info.is_main:
+        missing = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        if missing:
+            raise FlatnessError(f"--resume: {run.last} is not a training checkpoint (it lacks {', '.join(missing)})")
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            _set_rng_state(ckpt["rng"], dev)
+            start_epoch, step, batch_start = int(ckpt["epoch"]), int(ckpt["step"]), int(ckpt["batch_in_epoch"])
+            metrics = list(ckpt["metrics"])
+            acc = ckpt["epoch_sums"].to(dev)
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FlatnessError(f"--resume: {run.last} does not fit this run's {config.model} / {config.method}: {detail}") from None
+    if dist_info.is_main:
+        run.write_config(config.to_dict())
+        if resuming:
             run.write_metrics(metrics)
 
     def payload(epoch: int, batch_in_epoch: int) -> dict[str, Any]:
@@ -221,11 +261,18 @@ def train(
             except OSError as e:
                 raise FlatnessError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint is kept") from None
 
-    def check_finite(epoch: int) -> None:
+    def check_finite(epoch: int, *, weights: bool = False) -> None:
+        """Losses so far (and, before a mid-epoch checkpoint, the weights it would hold) are finite."""
+        last_good = run.last if run.last.exists() else "none"
         if bool(bad_step >= 0):
             raise TrainingDiverged(
                 f"training diverged: the loss became NaN or infinite at epoch {epoch + 1}, step {int(bad_step)}; "
-                f"the last good checkpoint is {run.last if run.last.exists() else 'none'}"
+                f"the last good checkpoint is {last_good}"
+            )
+        if weights and not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
+            raise TrainingDiverged(
+                f"training diverged: the weights became NaN or infinite at epoch {epoch + 1}, step {step}; "
+                f"the last good checkpoint is {last_good}"
             )
 
     if config.sigma_inc != 0.0:
@@ -256,7 +303,7 @@ def train(
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), torch.full_like(bad_step, step), bad_step)
             acc += torch.stack([loss.double() * y.shape[0], (closure.first_logits.argmax(1) == y).sum().double(), torch.tensor(float(y.shape[0]), dtype=torch.float64, device=dev)])
             if config.save_every and step % config.save_every == 0 and b + 1 < batches_per_epoch:
-                check_finite(epoch)
+                check_finite(epoch, weights=True)
                 save(run.last, epoch, b + 1)
         batch_start = 0
         check_finite(epoch)
@@ -264,7 +311,10 @@ def train(
         sums = par.reduce_sums(acc)
         test_loss, test_acc = evaluate(model, test_x, test_y)
         if not math.isfinite(test_loss):
-            raise TrainingDiverged(f"training diverged: the test loss is {test_loss} after epoch {epoch + 1}, step {step}")
+            raise TrainingDiverged(
+                f"training diverged: the test loss is {test_loss} after epoch {epoch + 1}, step {step}; "
+                f"the last good checkpoint is {run.last if run.last.exists() else 'none'}"
+            )
         row = {
             "epoch": epoch + 1,
             "step": step,

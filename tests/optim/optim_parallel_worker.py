@@ -1,0 +1,44 @@
+"""Process body of the two-role parallel test (importable by spawned children)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from optim_helpers import batches, forbid_host_sync, make_closure, model
+
+import optim
+
+HYPER = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "sigma": 0.05, "lam": 0.3, "eta": 0.5, "beta": 0.9}
+
+
+def run(rank: int, world_size: int, port: int, out_dir: str, steps: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        net = model(seed=1 if rank == 0 else 2)  # rank 1 starts elsewhere: sync_init must fix it
+        opt = optim.ParallelMARWP(net.parameters(), torch.optim.SGD, model=net, seed=0, **HYPER)
+        data = batches(world_size * steps)
+        for k in range(steps):
+            x, y = data[world_size * k + rank]  # clean rank: batches 0, 2, ...; perturbed: 1, 3, ...
+            closure = make_closure(opt, net, x, y)
+            if k == 0:
+                opt.step(closure)
+            else:
+                with forbid_host_sync():
+                    opt.step(closure)
+        torch.save(
+            {
+                "role": opt.role,
+                "model": net.state_dict(),
+                "fisher": [opt.state[p]["fisher"] for p in net.parameters()],
+                "momentum": [opt.base_optimizer.state[p]["momentum_buffer"] for p in net.parameters()],
+                "opt": opt.state_dict(),
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,64 @@
+"""optim/delta_sam.py: the reconstructed delta-SAM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from optim_helpers import assert_same, batches, make_closure, model, snapshot, train
+
+import optim
+from optim.delta_sam import instance_weights
+
+
+def test_weights_have_mean_one_and_favour_unguarded_instances():
+    clean = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    probes = torch.tensor([[1.0, 1.1, 1.5, 0.2], [1.0, 0.9, 1.4, 0.1]])  # changes 0, .1, .45, .85
+    w = instance_weights(probes, clean, temperature=1.0)
+    torch.testing.assert_close(w.mean(), torch.tensor(1.0))
+    assert torch.all(w[1:] > w[:-1])
+
+
+def test_large_temperature_gives_uniform_weights():
+    probes, clean = torch.rand(3, 8), torch.rand(8)
+    torch.testing.assert_close(instance_weights(probes, clean, 1e9), torch.ones(8))
+
+
+def test_large_temperature_is_sam():
+    data_batches = batches(3)
+    net = model()
+    train(optim.SAM(net.parameters(), torch.optim.SGD, lr=0.1, rho=0.05, model=net), net, data_batches)
+    sam = snapshot(net)
+    net = model()
+    opt = optim.DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, rho=0.05, temperature=1e9, model=net)
+    train(opt, net, data_batches)
+    for k, v in snapshot(net).items():
+        torch.testing.assert_close(v, sam[k], rtol=1e-5, atol=1e-6)
+
+
+def test_probes_restore_weights_exactly_and_freeze_bn():
+    net = model()
+    opt = optim.DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, model=net, num_perturbations=4)
+    x, y = batches(1)[0]
+    before = snapshot(net)
+    probes = opt.probe_losses(make_closure(opt, net, x, y))
+    assert probes.shape == (4, len(y))
+    assert_same(snapshot(net), before)
+
+
+def test_closure_calls_and_contract():
+    net = model()
+    opt = optim.DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, model=net, num_perturbations=3)
+    x, y = batches(1)[0]
+    forward = make_closure(opt, net, x, y)
+    calls = []
+
+    def counted():
+        calls.append(torch.is_grad_enabled())
+        return forward()
+
+    loss = opt.step(counted)
+    assert calls == [False, False, False, True, True]
+    assert loss.dim() == 0
+    with pytest.raises(ValueError, match=r"per-sample losses of shape \(batch,\), got \(\)"):
+        opt.step(lambda: forward().mean())
+    assert optim.DeltaSAM.per_sample_closure and not optim.SAM.per_sample_closure

@@ -31,13 +31,14 @@ def settings_digest(settings: dict[str, Any]) -> str:
 class ArtifactCache:
     """JSON artifacts under ``root/<kind>-<key>.json``; counts what it had to compute."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, version: str = "1") -> None:
         self.root = root
+        self.version = version
         self.computed: list[str] = []
         self.reused: list[str] = []
 
     def path(self, kind: str, *parts: str) -> Path:
-        key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+        key = hashlib.sha256("|".join((self.version, *parts)).encode()).hexdigest()[:24]
         return self.root / f"{kind}-{key}.json"
 
     def get_or_compute(self, kind: str, parts: tuple[str, ...], compute) -> Any:  # noqa: ANN001 - any callable

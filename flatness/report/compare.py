@@ -28,6 +28,8 @@ from flatness.report.cache import ArtifactCache, file_digest
 from flatness.version import __version__
 
 SURFACE_KINDS = ("1d", "2d", "none")
+# Bumped whenever a computation changes, so older cache entries are not reused.
+CACHE_VERSION = "2"
 
 
 @dataclass
@@ -150,10 +152,12 @@ def _interpolation(first: Analysis, other: Analysis, s: CompareSettings) -> dict
 
     x = torch.cat([b[0] for b in first.batches])
     y = torch.cat([b[1] for b in first.batches])
-    sa, sb = first.model.state_dict(), other.model.state_dict()
+    # clones: state_dict() returns the live tensors, which load_state_dict overwrites
+    sa = {k: v.clone() for k, v in first.model.state_dict().items()}
+    sb = {k: v.clone() for k, v in other.model.state_dict().items()}
     alphas = torch.linspace(-0.25, 1.25, s.interp_points).tolist()
     probe = other.model
-    saved = {k: v.clone() for k, v in sb.items()}
+    saved = sb
     losses, accs = [], []
     try:
         for alpha in alphas:
@@ -204,8 +208,18 @@ def compare(
     datasets = {a.dataset for a in analyses}
     if len(datasets) > 1:
         raise FlatnessError(f"checkpoints were trained on different datasets ({', '.join(sorted(datasets))}); compare needs one")
-    out.mkdir(parents=True, exist_ok=True)
-    cache = ArtifactCache(out / "cache")
+    shapes = [{k: tuple(v.shape) for k, v in a.model.state_dict().items()} for a in analyses]
+    other = next((i for i, s_ in enumerate(shapes) if s_ != shapes[0]), None)
+    if other is not None:
+        raise FlatnessError(
+            f"{paths[other]} holds another network than {paths[0]} ({analyses[other].checkpoint.model_name} vs "
+            f"{analyses[0].checkpoint.model_name}); compare interpolates between the checkpoints and needs one architecture"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FlatnessError(f"cannot create report folder {out}: {e.strerror}") from None
+    cache = ArtifactCache(out / "cache", version=CACHE_VERSION)
     digests = [file_digest(p) for p in paths]
     sd = s.to_dict()
     from flatness.data import analysis_batches, load_dataset

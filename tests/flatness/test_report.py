@@ -56,3 +56,25 @@ def test_mixed_datasets_refused(make_checkpoint, tmp_path: Path) -> None:
 def test_bad_settings(make_checkpoint, tmp_path: Path) -> None:
     with pytest.raises(FlatnessError, match="--surface"):
         compare([make_checkpoint("mlp")], tmp_path / "rep", _settings(surface="3d"))
+
+
+def test_interpolation_endpoints_match_each_checkpoint(make_checkpoint, tmp_path: Path) -> None:
+    from flatness.analysis import prepare_analysis
+    from flatness.report.compare import _interpolation
+    from flatness.training.loop import evaluate
+
+    a, b = make_checkpoint("mlp", seed=0, hidden=8), make_checkpoint("mlp", seed=1, hidden=8)
+    s = _settings(interp_points=7)  # alphas -0.25, 0, 0.25, ..., 1.25
+    fa, fb = prepare_analysis(a, samples=64, batch_size=64), prepare_analysis(b, samples=64, batch_size=64)
+    x, y = fa.batches[0]
+    before = {k: v.clone() for k, v in fb.model.state_dict().items()}
+    it = _interpolation(fa, fb, s)
+    assert abs(it["alpha"][1]) < 1e-9 and abs(it["alpha"][5] - 1) < 1e-9
+    assert abs(it["loss"][1] - evaluate(fa.model, x, y)[0]) < 1e-6
+    assert abs(it["loss"][5] - evaluate(fb.model, x, y)[0]) < 1e-6
+    # a midpoint by hand
+    mid = {k: 0.5 * fa.model.state_dict()[k] + 0.5 * before[k] for k in before}
+    fb.model.load_state_dict(mid)
+    assert abs(it["loss"][3] - evaluate(fb.model, x, y)[0]) < 1e-6
+    fb.model.load_state_dict(before)
+    assert len(set(round(v, 6) for v in it["loss"])) > 3

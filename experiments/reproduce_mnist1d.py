@@ -69,11 +69,28 @@ def run_one(name: str, model: str, seed: int, epochs: int, work: Path, extra: di
                 "final": None, "test_acc": nan, "test_loss": nan, "train_loss": nan, "diverged": True, "seconds": time.perf_counter() - t0}
     seconds = time.perf_counter() - t0
     last = result.metrics[-1]
+    clean_train_loss = _clean_train_loss(result.final)
     return {
         "name": name, "model": model, "seed": seed, "epochs": cfg.epochs,
         "grad_evals_per_batch": grad_evals_per_batch(cfg), "final": str(result.final),
-        "test_acc": last["test_acc"], "test_loss": last["test_loss"], "train_loss": last["train_loss"], "seconds": seconds,
+        "test_acc": last["test_acc"], "test_loss": last["test_loss"], "train_loss": clean_train_loss,
+        "logged_train_loss": last["train_loss"], "seconds": seconds,
     }
+
+
+def _clean_train_loss(final: Path) -> float:
+    """Loss of the final weights on the whole training split, eval mode, no noise.
+
+    (The trainer's logged train loss is the first pass of each step, which for
+    RWP / ARWP is taken at the perturbed weights.)
+    """
+    from flatness.checkpoint import load_checkpoint
+    from flatness.data import load_dataset
+    from flatness.training.loop import evaluate
+
+    ckpt = load_checkpoint(final)
+    ds = load_dataset("mnist1d")
+    return evaluate(ckpt.model, ds.train.x, ds.train.y)[0]
 
 
 def curvature(final: str, samples: int) -> tuple[float, float]:
@@ -103,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--samples", type=int, default=1000, help="training samples for the Hessian measures")
     p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--sweep-only", action="store_true", help="keep the table rows of OUT/results.json, redo the sweep")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier timings)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -111,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     from flatness.data import load_dataset
 
     load_dataset("mnist1d")  # generate / warm the cache before anything is timed
-    rows = []
+    rows = json.loads((out / "results.json").read_text())["rows"] if args.sweep_only else []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for model in args.models:
+        for model in [] if args.sweep_only else args.models:
             for name in args.methods:
                 for seed in range(args.seeds):
                     r = run_one(name, model, seed, args.epochs, work)
@@ -175,7 +193,7 @@ def write_table(rows: list[dict], out: Path, args: argparse.Namespace) -> None:
 
 
 def write_sweep(sweep: list[dict], out: Path) -> None:
-    lines = ["| method | sigma | final train loss | test acc % |", "|---|---|---|---|"]
+    lines = ["| method | sigma | final train loss (clean weights, whole train split) | test acc % |", "|---|---|---|---|"]
     import matplotlib
 
     matplotlib.use("Agg")

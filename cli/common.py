@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from flatness.errors import FlatnessError
@@ -13,9 +15,16 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
     """Keeps the examples in epilogs as written and shows defaults."""
 
 
+# Negative numbers that are option values, not options: "-2", "-.5", "-1e-3", "-inf" (argparse's own
+# pattern misses exponents, so "--tol -1e-3" failed with "expected one argument" instead of naming the value).
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$")
+
+
 def add_command(sub: argparse._SubParsersAction, name: str, help: str, examples: str) -> argparse.ArgumentParser:
     """A subcommand parser with an ``Examples:`` epilog."""
-    return sub.add_parser(name, help=help, description=help, epilog=f"examples:\n{examples}", formatter_class=Formatter)
+    parser = sub.add_parser(name, help=help, description=help, epilog=f"examples:\n{examples}", formatter_class=Formatter)
+    parser._negative_number_matcher = NEGATIVE_NUMBER  # type: ignore[attr-defined]
+    return parser
 
 
 def add_common(parser: argparse.ArgumentParser, *, seed: bool = True, force: bool = True) -> None:
@@ -53,6 +62,10 @@ def check_output_file(path: str | Path, force: bool, *, resume: bool = False, fl
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FlatnessError(f"cannot create folder {path.parent}: {e.strerror}") from None
+    try:  # fail now, not after the work: the output is written last
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as e:
+        raise FlatnessError(f"cannot write to folder {path.parent}: {e.strerror}") from None
     return path
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from cli.common import add_command, add_common, positive_int
+from flatness.errors import FlatnessError
 
 EXAMPLES = """\
   flatness demo                      # writes demo/ in the current folder
@@ -28,6 +30,9 @@ def run(args: argparse.Namespace) -> int:
     from flatness.device import resolve_device
     from flatness.report import CompareSettings
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FlatnessError(f"--out {out} exists and is not a folder")
     settings = CompareSettings(samples=args.samples, surface=args.surface, density=True, seed=args.seed)
     result = run_demo(args.out, budget_epochs=args.budget_epochs, seed=args.seed, device=resolve_device(args.device),
                       force=args.force, quiet=args.quiet, settings=settings)

@@ -105,7 +105,10 @@ def run(args: argparse.Namespace) -> int:
                 on_hvp=lambda _count: bar.update(1),
             )
         if dist.is_main:
-            atomic_write_text(out, json.dumps(result, indent=2, allow_nan=False) + "\n")
+            try:
+                atomic_write_text(out, json.dumps(result, indent=2, allow_nan=False) + "\n")
+            except OSError as e:
+                raise FlatnessError(f"cannot write {out}: {e.strerror or e}") from None
             print(summary(result, out))
     finally:
         if dist.active:

@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(e).split())
         sys.stderr.write(f"error: {msg}\n")
         return 2
+    except MemoryError as e:
+        if os.environ.get("FLATNESS_DEBUG") == "1":
+            traceback.print_exc()
+        detail = " ".join(str(e).split()) or "MemoryError"
+        sys.stderr.write(f"error: out of memory ({detail}); ask for less (grid points, --samples, --batch-size)\n")
+        return 2
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")
         return 130

@@ -99,7 +99,10 @@ def run(args: argparse.Namespace) -> int:
         given = _given(args)
         flag_to_field = {"no_augment": "augment", "no_epoch_checkpoints": "keep_epochs"}
         typed = {flag_to_field.get(k, k): fields[flag_to_field.get(k, k)] for k in given if flag_to_field.get(k, k) in fields}
-        config = TrainConfig.from_dict({**saved, **typed})
+        try:
+            config = TrainConfig.from_dict({**saved, **typed})
+        except FlatnessError as e:
+            raise FlatnessError(f"{run_dir.config}: {e}") from None
     else:
         config = TrainConfig(**fields)
     from flatness.training.methods import get_method

@@ -74,7 +74,17 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": __version__, **payload}
     with atomic_open(path, "wb") as f:
-        torch.save(payload, f)
+        try:
+            torch.save(payload, f)
+        except RuntimeError as e:
+            # A failed write (disk full, file too large) surfaces as a RuntimeError from
+            # torch's zip writer cleanup; the OSError behind it is what the caller handles.
+            cause = e.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
 
 
 def read_checkpoint_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
@@ -89,14 +99,46 @@ def read_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
         raise FlatnessError(f"checkpoint {path} does not exist")
     if not path.is_file():
         raise FlatnessError(f"checkpoint {path} is not a file")
+    _check_container(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FlatnessError(f"checkpoint {path} was refused: it holds objects other than tensors and plain values ({first})") from None
+        raise FlatnessError(f"checkpoint {path} was refused: it holds objects other than tensors and plain values ({_refusal(e)})") from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError, AttributeError, KeyError, TypeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FlatnessError(f"checkpoint {path} cannot be read (truncated or not a checkpoint): {msg}") from None
+
+
+# First bytes of files that are sometimes passed where a checkpoint belongs.
+_MAGIC = {b"\x89HDF\r\n\x1a\n": "an HDF5 file, e.g. a surface", b"{": "a JSON file", b"[": "a JSON file", b"\x89PNG": "a PNG image", b"%PDF": "a PDF"}
+
+
+def _check_container(path: Path) -> None:
+    """Refuse files that are not torch.save output (zip archive, or legacy pickle) before torch.load sees them."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise FlatnessError(f"checkpoint {path} cannot be read: {e.strerror}") from None
+    if not head:
+        raise FlatnessError(f"checkpoint {path} is empty")
+    if head.startswith(b"PK"):
+        if not zipfile.is_zipfile(path):
+            raise FlatnessError(f"checkpoint {path} cannot be read: it is truncated or damaged (its zip archive is incomplete)")
+        return
+    if head.startswith(b"\x80"):  # pickle protocol 2+: torch's legacy format
+        return
+    kind = next((what for magic, what in _MAGIC.items() if head.lstrip().startswith(magic)), None)
+    raise FlatnessError(f"{path} is not a PyTorch checkpoint{f' (it looks like {kind})' if kind else ''}")
+
+
+def _refusal(e: pickle.UnpicklingError) -> str:
+    """The line of torch's weights_only message that names what was refused."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line
+    return lines[0] if lines else type(e).__name__
 
 
 def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from flatness.atomic import current_umask
 from flatness.errors import FlatnessError
 from flatness.version import __version__
 
@@ -148,6 +149,7 @@ def create_surface_file(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs are meant to be shared
         os.close(fd)
     except OSError as e:
         raise FlatnessError(f"cannot write {path}: {e.strerror}") from None
@@ -317,6 +319,15 @@ def read_surface(path: str | Path) -> Surface:
         (51, 51)
     """
     path = Path(path)
+    try:
+        return _read_surface(path)
+    except (ValueError, TypeError, KeyError, json.JSONDecodeError) as e:
+        # shapes that do not fit the coordinates, non-numeric data, broken settings
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise FlatnessError(f"{path} is not a valid surface file: {msg}") from None
+
+
+def _read_surface(path: Path) -> Surface:
     with _reading(path) as f:
         if "xcoordinates" not in f:
             raise FlatnessError(f"{path} is not a loss surface file: it has no 'xcoordinates'")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from flatness.errors import FlatnessError
 
 SCHEDULES = ("cosine", "step", "constant")
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch
 
 
 @dataclass
@@ -53,12 +55,16 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check values; raise FlatnessError naming the bad one."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise FlatnessError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
         positive_ints = {"epochs": self.epochs, "batch_size": self.batch_size}
         for name, value in positive_ints.items():
             if not isinstance(value, int) or value <= 0:
                 raise FlatnessError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-        if not self.lr > 0:
-            raise FlatnessError(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.lr <= FLOAT32_MAX:
+            raise FlatnessError(f"--lr must be positive and at most {FLOAT32_MAX:.3g} (float32 weights), got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise FlatnessError(f"--momentum must be in [0, 1), got {self.momentum}")
         if not self.weight_decay >= 0:
@@ -91,8 +97,22 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names}
-        if "milestones" in kwargs:
-            kwargs["milestones"] = tuple(kwargs["milestones"])
+        """Settings from a dict (``config.json``); a value of the wrong type is a FlatnessError.
+
+        Unknown keys are ignored; ints are accepted where floats are expected.
+        """
+        defaults = cls()
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in d:
+                continue
+            value, default = d[f.name], getattr(defaults, f.name)
+            if isinstance(default, float) and type(value) is int:
+                value = float(value)
+            if isinstance(default, tuple) and isinstance(value, list):
+                value = tuple(value)
+            expected = (str, type(None)) if f.name == "data_dir" else type(default)
+            if not isinstance(value, expected) or (isinstance(value, bool) and not isinstance(default, bool)):
+                raise FlatnessError(f"setting {f.name!r} must be a {type(default).__name__}, got {value!r}")
+            kwargs[f.name] = value
         return cls(**kwargs)

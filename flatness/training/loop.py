@@ -220,6 +220,8 @@ def train(
         missing = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
         if missing:
             raise FlatnessError(f"--resume: {run.last} is not a training checkpoint (it lacks {', '.join(missing)})")
+        if isinstance(ckpt.get("config"), dict):
+            check_resume_config(ckpt["config"], config.to_dict(), run.root, what=f"those {run.last} was written with")
         try:
             model.load_state_dict(ckpt["state_dict"])
             optimizer.load_state_dict(ckpt["optimizer"])

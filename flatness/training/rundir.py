@@ -52,9 +52,12 @@ class RunDir:
 
     def read_config(self) -> dict[str, Any]:
         try:
-            return json.loads(self.config.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            config = json.loads(self.config.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FlatnessError(f"cannot read {self.config}: {e}") from None
+        if not isinstance(config, dict):
+            raise FlatnessError(f"{self.config} does not hold a JSON object of settings")
+        return config
 
     def write_metrics(self, metrics: list[dict[str, Any]]) -> None:
         atomic_write_text(self.metrics, "".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
@@ -120,12 +123,15 @@ def prepare_run_dir(out: str | Path, *, resume: bool, force: bool) -> tuple[RunD
     return run, False
 
 
-def check_resume_config(saved: dict[str, Any], current: dict[str, Any], root: Path) -> None:
-    """Refuse to resume a run with settings that change its numbers."""
+def check_resume_config(saved: dict[str, Any], current: dict[str, Any], root: Path, *, what: str | None = None) -> None:
+    """Refuse to resume a run with settings that change its numbers.
+
+    ``what`` names the source of ``saved`` in the message (default: the run in ``root``).
+    """
     diffs = [
         f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
         for k in sorted(set(saved) | set(current))
         if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
     ]
     if diffs:
-        raise FlatnessError(f"--resume: settings differ from the run in {root} ({'; '.join(diffs[:4])})")
+        raise FlatnessError(f"--resume: settings differ from {what or f'the run in {root}'} ({'; '.join(diffs[:4])})")

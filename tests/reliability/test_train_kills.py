@@ -24,7 +24,7 @@ import torch
 from flatness.checkpoint import read_checkpoint_file
 from tests.conftest import REPO, run_cli
 
-BASE = ["--model", "mlp", "--data", "mnist1d", "--epochs", "3", "--batch-size", "32", "--save-every", "7", "--quiet", "--device", "cpu"]
+BASE = ["--model", "mlp", "--data", "mnist1d", "--epochs", "4", "--batch-size", "32", "--save-every", "7", "--quiet", "--device", "cpu"]
 METHODS = {
     "sgd": ["--method", "sgd"],
     "sam": ["--method", "sam", "--rho", "0.05"],
@@ -60,8 +60,21 @@ def test_random_kills_then_resume(tmp_path: Path, method: str, kill_log: list) -
     kills = 0
     for attempt in range(KILLS_PER_METHOD):
         cmd = [sys.executable, "-m", "cli", "train", *args, "--out", str(run)] + (["--resume"] if run.exists() else [])
+        last = run / "checkpoints" / "last.pt"
+        before = last.stat().st_mtime_ns if last.exists() else None
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(1.0, 4.0))
+        if attempt == 0:
+            time.sleep(rng.uniform(0.2, 1.5))  # during start-up, before or while the run dir is made
+        else:
+            # wait until this process has written a checkpoint, then kill a random moment later
+            # (mid-epoch, or in the middle of the next checkpoint write)
+            deadline = time.time() + 120
+            while proc.poll() is None and time.time() < deadline:
+                now = last.stat().st_mtime_ns if last.exists() else None
+                if now is not None and now != before:
+                    break
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()

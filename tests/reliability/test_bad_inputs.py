@@ -1,0 +1,262 @@
+"""A table of bad invocations of every command: one ``error:`` line, exit 2, nothing touched.
+
+Each row runs the real CLI in a subprocess, in its own copy of a folder of
+inputs (good and bad checkpoints, surfaces, a finished run, a report, CIFAR
+folders laid out wrongly...). A row passes when the command exits with
+status 2, prints exactly one line on stderr that starts with ``error:``,
+matches the row's regex and carries no traceback, and every file and folder
+in the copy is byte-for-byte what it was before (nothing created, changed or
+removed). The rows run two at a time; the count of rows handled is printed
+at the end of the module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow  # about a minute on two cores: ~65 CLI processes
+
+CUDA = torch.cuda.is_available()
+NO_CUDA_ONLY = pytest.mark.skipif(CUDA, reason="needs a machine without CUDA")
+
+TRAIN = ["train", "--data", "synthetic", "--model", "mlp", "--epochs", "1", "--device", "cpu", "--quiet"]
+SURFACE = ["surface", "--device", "cpu", "--quiet"]
+HESSIAN = ["hessian", "--device", "cpu", "--quiet", "--top-k", "1"]
+COMPARE = ["compare", "--device", "cpu", "--quiet", "--samples", "100", "--surface", "none"]
+X = ["--x", "-1:1:3"]
+
+
+
+def row(rid: str, argv: list[str], pattern: str, *marks: pytest.MarkDecorator) -> Any:
+    """One table row: ``flatness ARGV`` must fail with a message matching ``pattern``."""
+    return pytest.param(argv, pattern, id=rid, marks=marks)
+
+
+ROWS = [
+    # --- train -------------------------------------------------------------------------------
+    row("train-negative-sigma", TRAIN + ["--method", "rwp", "--sigma", "-0.1", "--out", "new"], r"--sigma must be >= 0, got -0\.1"),
+    row("train-lam-above-1", TRAIN + ["--method", "m-arwp", "--lam", "1.5", "--out", "new"], r"--lam must be in \[0, 1\], got 1\.5"),
+    row("train-beta-1", TRAIN + ["--method", "arwp", "--beta", "1", "--out", "new"], r"--beta must be in \[0, 1\), got 1\.0"),
+    row("train-rho-0", TRAIN + ["--method", "sam", "--rho", "0", "--out", "new"], r"--rho must be positive, got 0\.0"),
+    row("train-unknown-method", TRAIN + ["--method", "adam", "--out", "new"], r"unknown method 'adam'; expected one of .*m-arwp"),
+    row("train-unknown-device", TRAIN + ["--device", "tpu", "--out", "new"], r"unknown device 'tpu'"),
+    row("train-unknown-model", TRAIN + ["--model", "resnet99", "--out", "new"], r"unknown model 'resnet99'"),
+    row("train-batch-size-0", TRAIN + ["--batch-size", "0", "--out", "new"], r"--batch-size: expected a positive integer, got 0"),
+    row("train-lr-nan", TRAIN + ["--lr", "nan", "--out", "new"], r"--lr must be a finite number, got nan"),
+    row("train-lr-overflow", TRAIN + ["--lr", "1e300", "--out", "new"], r"--lr must be positive and at most .*got 1e\+300"),
+    row("train-sigma-inc-for-sgd", TRAIN + ["--sigma-inc", "1", "--out", "new"], r"--sigma-inc is for the RWP family, not 'sgd'"),
+    row("train-cifar-wrong-layout", TRAIN + ["--data", "cifar10", "--model", "resnet18", "--data-dir", "cifar_nested", "--out", "new"],
+        r"--data-dir cifar_nested does not hold cifar-10-batches-py/data_batch_1"),
+    row("train-cifar-incomplete", TRAIN + ["--data", "cifar10", "--model", "resnet18", "--data-dir", "cifar_partial", "--out", "new"],
+        r"lacks data_batch_2, .*test_batch"),
+    row("train-cifar-garbage-batch", TRAIN + ["--data", "cifar10", "--model", "resnet18", "--data-dir", "cifar_garbage", "--out", "new"],
+        r"cannot read CIFAR batch .*data_batch_1"),
+    row("train-existing-out", TRAIN + ["--out", "run"], r"run directory run already exists; pass --resume .* or --force"),
+    row("train-force-foreign-folder", TRAIN + ["--out", "cifar_partial", "--force"], r"not a flatness run directory .*refusing to delete"),
+    row("train-resume-other-settings", TRAIN + ["--out", "run", "--resume", "--lr", "0.5"], r"settings differ .*lr: 0\.1 -> 0\.5"),
+    row("train-resume-truncated-last", TRAIN + ["--out", "run_truncated", "--resume"], r"last\.pt cannot be read: it is truncated"),
+    row("train-resume-foreign-last", TRAIN + ["--out", "run_foreign_last", "--resume"], r"last\.pt is not a training checkpoint \(it lacks optimizer"),
+    row("train-resume-broken-config", TRAIN + ["--out", "run_broken_config", "--resume"], r"config\.json: setting 'lr' must be a float, got 'fast'"),
+    row("train-model-kwargs-classes", TRAIN + ["--model-kwargs", '{"num_classes": 3}', "--out", "new"], r"gives 3 outputs, but synthetic has 10 classes"),
+    row("train-model-kwargs-negative", TRAIN + ["--model-kwargs", '{"hidden": -3}', "--out", "new"], r"model 'mlp' cannot be built .*negative dimension"),
+    # --- surface -----------------------------------------------------------------------------
+    row("surface-missing-checkpoint", SURFACE + ["missing.pt", *X, "--out", "s.h5"], r"checkpoint missing\.pt does not exist"),
+    row("surface-truncated-checkpoint", SURFACE + ["truncated.pt", *X, "--out", "s.h5"], r"truncated\.pt cannot be read: it is truncated"),
+    row("surface-text-as-checkpoint", SURFACE + ["notes.pt", *X, "--out", "s.h5"], r"notes\.pt is not a PyTorch checkpoint"),
+    row("surface-json-as-checkpoint", SURFACE + ["hessian.json", *X, "--out", "s.h5"], r"hessian\.json is not a PyTorch checkpoint \(it looks like a JSON file\)"),
+    row("surface-folder-as-checkpoint", SURFACE + ["empty_folder", *X, "--out", "s.h5"], r"empty_folder has no final\.pt"),
+    row("surface-model-mismatch", SURFACE + ["cnn1d.pt", "--model", "mlp", *X, "--out", "s.h5"], r"holds model 'cnn1d', but --model is 'mlp'"),
+    row("surface-grid-min-above-max", SURFACE + ["cnn1d.pt", "--x", "1:0:5", "--out", "s.h5"], r"--x 1:0:5: grid MIN must be smaller than MAX"),
+    row("surface-grid-not-numbers", SURFACE + ["cnn1d.pt", "--x", "a:b:c", "--out", "s.h5"], r"--x expects numbers for MIN and MAX"),
+    row("surface-grid-zero-points", SURFACE + ["cnn1d.pt", "--x", "-1:1:0", "--out", "s.h5"], r"grid size N must be a positive integer, got 0"),
+    row("surface-samples-0", SURFACE + ["cnn1d.pt", *X, "--samples", "0", "--out", "s.h5"], r"--samples: expected a positive integer, got 0"),
+    row("surface-existing-out", SURFACE + ["cnn1d.pt", *X, "--out", "surface.h5"], r"surface\.h5 already exists; pass --resume .* or --force"),
+    row("surface-resume-other-settings", SURFACE + ["cnn1d.pt", "--x", "-1:1:5", "--out", "surface.h5", "--resume"], r"cannot resume surface\.h5: .*other settings"),
+    row("surface-resume-foreign-h5", SURFACE + ["cnn1d.pt", *X, "--out", "foreign.h5", "--resume"], r"foreign\.h5 is not a surface file written by flatness"),
+    row("surface-huge-grid", SURFACE + ["cnn1d.pt", "--x", "-1:1:1000000000000000", "--out", "s.h5"], r"out of memory"),
+    # --- hessian -----------------------------------------------------------------------------
+    row("hessian-missing-checkpoint", HESSIAN + ["missing.pt", "--out", "h.json"], r"checkpoint missing\.pt does not exist"),
+    row("hessian-truncated-checkpoint", HESSIAN + ["truncated.pt", "--out", "h.json"], r"truncated\.pt cannot be read: it is truncated"),
+    row("hessian-h5-as-checkpoint", HESSIAN + ["surface.h5", "--out", "h.json"], r"surface\.h5 is not a PyTorch checkpoint \(it looks like an HDF5 file"),
+    row("hessian-empty-checkpoint", HESSIAN + ["empty.pt", "--out", "h.json"], r"checkpoint empty\.pt is empty"),
+    row("hessian-folder-as-checkpoint", HESSIAN + ["empty_folder", "--out", "h.json"], r"checkpoint empty_folder is not a file"),
+    row("hessian-model-mismatch", HESSIAN + ["cnn1d.pt", "--model", "resnet18", "--out", "h.json"], r"holds model 'cnn1d', but --model is 'resnet18'"),
+    row("hessian-state-dict-other-model", HESSIAN + ["plain.pt", "--model", "mlp", "--data", "synthetic", "--out", "h.json"],
+        r"plain\.pt does not fit model 'mlp'"),
+    row("hessian-not-a-state-dict", HESSIAN + ["numbers.pt", "--out", "h.json"], r"numbers\.pt is neither a flatness checkpoint nor a state_dict"),
+    row("hessian-top-k-0", HESSIAN + ["cnn1d.pt", "--top-k", "0", "--out", "h.json"], r"--top-k: expected a positive integer, got 0"),
+    row("hessian-tol-negative", HESSIAN + ["cnn1d.pt", "--tol", "-1e-3", "--out", "h.json"], r"--tol: expected a positive number"),
+    row("hessian-existing-out", HESSIAN + ["cnn1d.pt", "--out", "hessian.json"], r"output hessian\.json already exists; pass --force"),
+    row("hessian-out-unwritable", HESSIAN + ["cnn1d.pt", "--out", "/proc/h.json"], r"cannot write to folder /proc"),
+    row("hessian-cuda-missing", HESSIAN + ["cnn1d.pt", "--device", "cuda", "--out", "h.json"], r"CUDA is not available", NO_CUDA_ONLY),
+    row("hessian-cifar-incomplete", HESSIAN + ["cnn1d.pt", "--data", "cifar10", "--data-dir", "cifar_partial", "--out", "h.json"], r"lacks data_batch_2"),
+    # --- plot --------------------------------------------------------------------------------
+    row("plot-foreign-h5", ["plot", "foreign.h5", "--out", "f.png"], r"foreign\.h5 is not a loss surface file"),
+    row("plot-missing-input", ["plot", "missing.h5", "--out", "f.png"], r"input missing\.h5 does not exist"),
+    row("plot-truncated-h5", ["plot", "truncated.h5", "--out", "f.png"], r"truncated\.h5 cannot be opened as an HDF5 surface file"),
+    row("plot-checkpoint", ["plot", "cnn1d.pt", "--out", "f.png"], r"cannot plot cnn1d\.pt: expected a surface \.h5 file or a hessian \.json"),
+    row("plot-json-without-density", ["plot", "hessian.json", "--out", "f.png"], r"no spectral density: run flatness hessian with --density"),
+    row("plot-existing-out", ["plot", "surface.h5", "--out", "figure.png"], r"output figure\.png already exists; pass --force"),
+    row("plot-contour-of-1d", ["plot", "surface.h5", "--kind", "contour", "--out", "f.png"], r"--kind contour needs a 2-D surface"),
+    row("plot-malformed-h5", ["plot", "malformed.h5", "--out", "f.png"], r"malformed\.h5"),
+    # --- compare -----------------------------------------------------------------------------
+    row("compare-missing-checkpoint", COMPARE + ["cnn1d.pt", "missing.pt", "--out", "rep"], r"checkpoint missing\.pt does not exist"),
+    row("compare-truncated-checkpoint", COMPARE + ["cnn1d.pt", "truncated.pt", "--out", "rep"], r"truncated\.pt cannot be read: it is truncated"),
+    row("compare-other-networks", COMPARE + ["cnn1d.pt", "mlp.pt", "--out", "rep"], r"mlp\.pt holds another network than cnn1d\.pt"),
+    row("compare-existing-report", COMPARE + ["cnn1d.pt", "--out", "report"], r"report already holds a report; pass --force"),
+    row("compare-rho-0", COMPARE + ["cnn1d.pt", "--rho", "0", "--out", "rep"], r"--rho must be positive, got 0\.0"),
+    # --- demo --------------------------------------------------------------------------------
+    row("demo-existing-out", ["demo", "--out", "run", "--device", "cpu", "--quiet"], r"demo folder run already exists; pass --force"),
+    row("demo-out-is-file", ["demo", "--out", "cnn1d.pt", "--device", "cpu", "--quiet"], r"--out cnn1d\.pt exists and is not a folder"),
+]
+
+
+def _save(path: Path, model: str) -> None:
+    from flatness.checkpoint import save_checkpoint
+    from flatness.models import build_model
+
+    torch.manual_seed(0)
+    kw = {"in_features": 40, "num_classes": 10}
+    net = build_model(model, **kw)
+    save_checkpoint(path, {"model": model, "model_kwargs": kw, "dataset": "synthetic", "config": {"model": model, "data": "synthetic"},
+                           "state_dict": net.state_dict(), "metrics": [], "epoch": 0, "step": 0})
+
+
+def _build_inputs(root: Path) -> None:
+    """Every file the rows name (good ones too: most rows must fail on one flag, not on a missing file)."""
+    import h5py
+    import numpy as np
+
+    from flatness.landscape import surface_from_checkpoint
+    from flatness.models import build_model
+    from flatness.training import TrainConfig, train
+
+    _save(root / "cnn1d.pt", "cnn1d")
+    _save(root / "mlp.pt", "mlp")
+    torch.save(build_model("cnn1d", in_features=40, num_classes=10).state_dict(), root / "plain.pt")
+    torch.save({"numbers": [1, 2, 3]}, root / "numbers.pt")
+    data = (root / "cnn1d.pt").read_bytes()
+    (root / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (root / "empty.pt").write_bytes(b"")
+    (root / "notes.pt").write_text("not a checkpoint\n")
+    (root / "hessian.json").write_text(json.dumps({"top_eigenvalues": [1.0], "density": None}) + "\n")
+    (root / "figure.png").write_bytes(b"\x89PNG\r\n\x1a\n an existing figure")
+    (root / "empty_folder").mkdir()
+
+    surface_from_checkpoint(root / "cnn1d.pt", out=root / "surface.h5", x="-1:1:3", device="cpu", quiet=True)
+    (root / "truncated.h5").write_bytes((root / "surface.h5").read_bytes()[:1000])
+    with h5py.File(root / "foreign.h5", "w") as f:
+        f["images"] = np.zeros((4, 8, 8))
+    with h5py.File(root / "malformed.h5", "w") as f:
+        f["xcoordinates"] = np.linspace(-1, 1, 5)
+        f["train_loss"] = np.zeros(7)
+
+    config = TrainConfig(model="mlp", data="synthetic", epochs=1, batch_size=64, keep_epochs=False)
+    train(config, root / "run", device="cpu")
+    shutil.copytree(root / "run", root / "run_truncated")
+    (root / "run_truncated" / "final.pt").unlink()
+    last = root / "run_truncated" / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:5000])
+    shutil.copytree(root / "run", root / "run_foreign_last")
+    (root / "run_foreign_last" / "final.pt").unlink()
+    shutil.copy(root / "mlp.pt", root / "run_foreign_last" / "checkpoints" / "last.pt")
+    shutil.copytree(root / "run", root / "run_broken_config")
+    cfg = json.loads((root / "run_broken_config" / "config.json").read_text())
+    (root / "run_broken_config" / "config.json").write_text(json.dumps({**cfg, "lr": "fast"}))
+
+    (root / "report").mkdir()
+    (root / "report" / "report.json").write_text("{}\n")
+    (root / "report" / "report.html").write_text("<html>an earlier report</html>\n")
+    nested = root / "cifar_nested" / "cifar10"  # batches one level too deep
+    nested.mkdir(parents=True)
+    for name in ["data_batch_1", "test_batch"]:
+        (nested / name).write_bytes(b"\x80\x04N.")
+    partial = root / "cifar_partial" / "cifar-10-batches-py"
+    partial.mkdir(parents=True)
+    (partial / "data_batch_1").write_bytes(b"\x80\x04N.")
+    garbage = root / "cifar_garbage" / "cifar-10-batches-py"
+    garbage.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (garbage / name).write_text("these are not pickles\n")
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file (``"dir"`` for folders) under ``root``."""
+    snap = {}
+    for p in sorted(root.rglob("*")):
+        snap[str(p.relative_to(root))] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return snap
+
+
+def _run_row(inputs: Path, where: Path, argv: list[str]):  # noqa: ANN202 - (CompletedProcess, before, after)
+    shutil.copytree(inputs, where, symlinks=True)
+    before = _snapshot(where)
+    result = run_cli(*argv, cwd=where, timeout=300)
+    return result, before, _snapshot(where)
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    """Start every selected row (two at a time); the tests collect the results in table order."""
+    inputs = tmp_path_factory.mktemp("inputs")
+    _build_inputs(inputs)
+    rows_dir = tmp_path_factory.mktemp("rows")
+    selected = {item.callspec.id for item in request.session.items if item.originalname == "test_bad_invocation" and item.module is sys.modules[__name__]}
+    pool = ThreadPoolExecutor(max_workers=2)
+    futures: dict[str, Future] = {}
+    for p in ROWS:
+        if p.id not in selected or any(m.name == "skipif" and m.args[0] for m in p.marks):
+            continue
+        futures[p.id] = pool.submit(_run_row, inputs, rows_dir / p.id, p.values[0])
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="module")
+def handled_log():
+    log: list[tuple[str, bool]] = []
+    yield log
+    handled = sum(ok for _, ok in log)
+    missed = [rid for rid, ok in log if not ok]
+    sys.stderr.write(f"\n[reliability] bad inputs handled: {handled} of {len(log)}" + (f" (not handled: {missed})" if missed else "") + "\n")
+
+
+@pytest.mark.parametrize(("argv", "pattern"), ROWS)
+def test_bad_invocation(argv: list[str], pattern: str, request: pytest.FixtureRequest, bad_runs: dict, handled_log: list) -> None:
+    rid = request.node.callspec.id
+    result, before, after = bad_runs[rid].result()
+    lines = result.stderr.splitlines()
+    problems = []
+    if result.returncode != 2:
+        problems.append(f"exit status {result.returncode}, expected 2")
+    if "Traceback" in result.stderr:
+        problems.append("a traceback on stderr")
+    if len(lines) != 1:
+        problems.append(f"{len(lines)} lines on stderr, expected 1")
+    elif not lines[0].startswith("error: "):
+        problems.append("the stderr line does not start with 'error: '")
+    elif not re.search(pattern, lines[0]):
+        problems.append(f"the message does not match {pattern!r}")
+    if before != after:
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        problems.append(f"files touched: {changed}")
+    handled_log.append((rid, not problems))
+    assert not problems, f"flatness {' '.join(argv)}: {'; '.join(problems)}\nstderr:\n{result.stderr[-3000:]}"
+
+
+def test_table_is_big_enough() -> None:
+    commands = {p.values[0][0] for p in ROWS}
+    assert len(ROWS) >= 30
+    assert {"train", "surface", "hessian", "plot", "compare"} <= commands

@@ -30,9 +30,9 @@ non-square plots come out scrambled). :func:`read_surface` converts them.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from flatness.atomic import current_umask
+from flatness.atomic import atomic_open
 from flatness.errors import FlatnessError
 from flatness.version import __version__
 
@@ -146,41 +146,36 @@ def create_surface_file(
     path = Path(path)
     nx = len(xcoordinates)
     shape = (nx,) if ycoordinates is None else (nx, len(ycoordinates))
+    # The file is built in memory and written with one atomic write: h5py crashes the
+    # process (not an exception) when the disk refuses a write mid-way (full disk, file
+    # size limit), so the only disk write that can fail is a plain Python one.
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["version"] = __version__
+        f.attrs["index_order"] = "ij"
+        f.attrs["dim"] = len(shape)
+        f.attrs["settings"] = json.dumps(_normalize(settings), sort_keys=True)
+        f.attrs["chunk_size"] = int(chunk_size)
+        f.attrs["method"] = method
+        f.create_dataset("xcoordinates", data=np.asarray(xcoordinates, dtype=np.float64))
+        if ycoordinates is not None:
+            f.create_dataset("ycoordinates", data=np.asarray(ycoordinates, dtype=np.float64))
+        for key in keys:
+            f.create_dataset(key, data=np.full(shape, np.nan, dtype=np.float64))
+        for name, direction in zip(("xdirection", "ydirection"), directions):
+            group = f.create_group(name)
+            for k, arr in enumerate(direction):
+                group.create_dataset(str(k), data=np.asarray(arr))
+        for key, arr in (extra or {}).items():
+            f.create_dataset(key, data=np.asarray(arr))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; outputs are meant to be shared
-        os.close(fd)
+        with atomic_open(path, "wb") as out:
+            out.write(image.getbuffer())
     except OSError as e:
-        raise FlatnessError(f"cannot write {path}: {e.strerror}") from None
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["version"] = __version__
-            f.attrs["index_order"] = "ij"
-            f.attrs["dim"] = len(shape)
-            f.attrs["settings"] = json.dumps(_normalize(settings), sort_keys=True)
-            f.attrs["chunk_size"] = int(chunk_size)
-            f.attrs["method"] = method
-            f.create_dataset("xcoordinates", data=np.asarray(xcoordinates, dtype=np.float64))
-            if ycoordinates is not None:
-                f.create_dataset("ycoordinates", data=np.asarray(ycoordinates, dtype=np.float64))
-            for key in keys:
-                f.create_dataset(key, data=np.full(shape, np.nan, dtype=np.float64))
-            for name, direction in zip(("xdirection", "ydirection"), directions):
-                group = f.create_group(name)
-                for k, arr in enumerate(direction):
-                    group.create_dataset(str(k), data=np.asarray(arr))
-            for key, arr in (extra or {}).items():
-                f.create_dataset(key, data=np.asarray(arr))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        raise FlatnessError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _open(path: Path, mode: str = "r") -> Any:

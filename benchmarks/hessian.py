@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         ("PyHessian power iteration, tol 1e-6", lambda k: pyhessian_power(model, x, y, k, tol=1e-6, max_iter=1000)),
         ("scipy eigsh (ARPACK)", lambda k: scipy_eigsh(model, x, y, k, args.tol)),
     ]
-    print(f"\n| method | k | HVPs | wall time [s] | max rel. error |\n|---|---:|---:|---:|---:|")
+    print("\n| method | k | HVPs | wall time [s] | max rel. error |\n|---|---:|---:|---:|---:|")
     table: dict[tuple[str, int], tuple[int, float]] = {}
     for k in (1, 5):
         for name, fn in methods:

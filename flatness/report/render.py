@@ -111,7 +111,7 @@ def write_reports(result: Any, settings: Any, figures: dict[str, Path], *, datas
     settings_text = json.dumps(settings.to_dict(), indent=2)
 
     # Markdown
-    md = [f"# flatness comparison report\n", f"Dataset: {dataset}. flatness {version}. {len(rows)} checkpoint(s).\n"]
+    md = ["# flatness comparison report\n", f"Dataset: {dataset}. flatness {version}. {len(rows)} checkpoint(s).\n"]
     md.append("| " + " | ".join(c[0] for c in COLUMNS) + " |")
     md.append("|" + "---|" * len(COLUMNS))
     for r in rows:

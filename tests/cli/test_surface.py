@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -25,12 +24,6 @@ from tests.conftest import REPO, run_cli
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: avoid OpenMP spinning on a shared 2-core machine
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:

@@ -86,19 +86,24 @@ def report_json(result: Any, settings: Any, dataset: str, version: str) -> dict[
 
 
 def _budget_text(entries: list[dict[str, Any]]) -> str:
-    from flatness.training.methods import get_method
+    """One line per checkpoint trained here: epochs x gradient evaluations per batch."""
+    from flatness.training.config import TrainConfig
+    from flatness.training.methods import grad_evals_per_batch
 
     lines = []
     for e in entries:
         cfg = e.get("config") or {}
-        method = cfg.get("method")
-        if method is None or "epochs" not in cfg:
+        if cfg.get("method") is None or "epochs" not in cfg:
             continue
         try:
-            evals = get_method(method).grad_evals
-        except Exception:  # noqa: BLE001 - an unknown method just has no budget line
+            evals = grad_evals_per_batch(TrainConfig.from_dict(cfg))
+        except Exception:  # noqa: BLE001 - a config we cannot read just has no budget line
             continue
-        lines.append(f"{e['label']}: {cfg['epochs']} epochs x {evals} gradient evaluation(s) per batch = {cfg['epochs'] * evals} epoch-equivalents")
+        scheme = f", {cfg['mix_batches']} batches" if cfg["method"] in ("m-rwp", "m-arwp") else ""
+        lines.append(
+            f"{e['label']}: {cfg['epochs']} epochs x {evals} gradient evaluation(s) per batch{scheme} "
+            f"= {cfg['epochs'] * evals} epoch-equivalents"
+        )
     return "\n".join(lines)
 
 

@@ -78,3 +78,22 @@ def test_interpolation_endpoints_match_each_checkpoint(make_checkpoint, tmp_path
     assert abs(it["loss"][3] - evaluate(fb.model, x, y)[0]) < 1e-6
     fb.model.load_state_dict(before)
     assert len(set(round(v, 6) for v in it["loss"])) > 3
+
+
+def test_budget_text_counts_gradient_evaluations() -> None:
+    from flatness.report.render import _budget_text
+
+    entries = [
+        {"label": "sgd", "config": {"method": "sgd", "epochs": 60}},
+        {"label": "sam", "config": {"method": "sam", "epochs": 30}},
+        {"label": "m-arwp", "config": {"method": "m-arwp", "epochs": 60, "mix_batches": "alternate"}},
+        {"label": "m-arwp same", "config": {"method": "m-arwp", "epochs": 30, "mix_batches": "same"}},
+        {"label": "foreign", "config": {"model": "resnet18"}},
+    ]
+    lines = _budget_text(entries).splitlines()
+    assert lines == [
+        "sgd: 60 epochs x 1 gradient evaluation(s) per batch = 60 epoch-equivalents",
+        "sam: 30 epochs x 2 gradient evaluation(s) per batch = 60 epoch-equivalents",
+        "m-arwp: 60 epochs x 1 gradient evaluation(s) per batch, alternate batches = 60 epoch-equivalents",
+        "m-arwp same: 30 epochs x 2 gradient evaluation(s) per batch, same batches = 60 epoch-equivalents",
+    ]

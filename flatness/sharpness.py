@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from optim.noise import filterwise_std
+
 Batches = Sequence[tuple[Tensor, Tensor]]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -57,14 +59,9 @@ def mean_loss(model: nn.Module, loss_fn: LossFn, batches: Batches) -> Tensor:
 
 
 def _filterwise_noise(params: list[Tensor], sigma: float, generator: torch.Generator) -> list[Tensor]:
-    out = []
-    for p in params:
-        if p.dim() > 1:
-            scale = torch.linalg.vector_norm(p.reshape(p.shape[0], -1), dim=1).view(-1, *([1] * (p.dim() - 1)))
-        else:
-            scale = torch.linalg.vector_norm(p)
-        out.append(torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) * (sigma * scale))
-    return out
+    """One draw of the RWP noise (std from :func:`optim.noise.filterwise_std`, the training rule)."""
+    stds = filterwise_std(params, sigma=sigma)
+    return [torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) * std for p, std in zip(params, stds)]
 
 
 def random_sharpness(

@@ -1,6 +1,6 @@
 """Check a report in headless Chromium: every image decodes, the table renders.
 
-Used by the tests and by ``python -m flatness.report.browser REPORT.html
+Used by the tests and by ``python scripts/check_report.py REPORT.html
 [--screenshot PNG]``. Needs Debian's ``chromium`` (or ``chromium-browser`` /
 ``google-chrome``) on PATH; :func:`find_chromium` returns None otherwise.
 
@@ -16,7 +16,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -81,8 +80,3 @@ def check_report(html: Path, *, screenshot: Path | None = None, timeout: float =
             subprocess.run(shot, capture_output=True, timeout=timeout)
     return verdict
 
-
-if __name__ == "__main__":
-    html_path = Path(sys.argv[1])
-    shot_path = Path(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[2] == "--screenshot" else None
-    print(json.dumps(check_report(html_path, screenshot=shot_path)))

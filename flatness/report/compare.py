@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from flatness.analysis import Analysis, prepare_analysis
-from flatness.atomic import atomic_write_text
 from flatness.errors import FlatnessError
 from flatness.report.cache import ArtifactCache, file_digest
 from flatness.version import __version__
@@ -258,6 +257,3 @@ def compare(
     write_reports(result, s, figures, dataset=first.dataset, version=__version__)
     return result
 
-
-def save_json(path: Path, value: Any) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2) + "\n")

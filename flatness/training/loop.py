@@ -303,7 +303,9 @@ def train(
             step += 1
             loss = closure.first_loss
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), torch.full_like(bad_step, step), bad_step)
-            acc += torch.stack([loss.double() * y.shape[0], (closure.first_logits.argmax(1) == y).sum().double(), torch.tensor(float(y.shape[0]), dtype=torch.float64, device=dev)])
+            acc[0] += loss.double() * y.shape[0]
+            acc[1] += (closure.first_logits.argmax(1) == y).sum()
+            acc[2] += y.shape[0]
             if config.save_every and step % config.save_every == 0 and b + 1 < batches_per_epoch:
                 check_finite(epoch, weights=True)
                 save(run.last, epoch, b + 1)

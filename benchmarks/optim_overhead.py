@@ -8,7 +8,7 @@ Prints, in one run (CIFAR-shaped batch, default 64 on the CPU):
    forward + backward) with the ratio it implies,
    ``(passes * sgd_forward_backward + own) / (sgd_forward_backward + sgd_own)``,
    which other load on the machine hardly disturbs;
-2. the perturbation-generation time of ``optim.noise`` against a
+2. the perturbation-generation time of ``flatness.optim.noise`` against a
    straightforward per-parameter implementation of the official ARWP logic
    (github.com/nblt/mARWP: clone of w, per-row norm ``.repeat``, ``torch.normal``
    with a tensor std, ``.item()`` for 1-D tensors, a full-size squared-gradient
@@ -38,8 +38,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import optim  # noqa: E402
-from optim.noise import filterwise_noise_, fisher_like, update_fisher_  # noqa: E402
+from flatness import optim  # noqa: E402
+from flatness.optim.noise import filterwise_noise_, fisher_like, update_fisher_  # noqa: E402
 
 # (label, class or None for SGD, method kwargs, nominal forward-backward passes per update)
 METHODS = [

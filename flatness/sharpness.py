@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from optim.noise import filterwise_std
+from flatness.optim.noise import filterwise_std
 
 Batches = Sequence[tuple[Tensor, Tensor]]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -59,7 +59,7 @@ def mean_loss(model: nn.Module, loss_fn: LossFn, batches: Batches) -> Tensor:
 
 
 def _filterwise_noise(params: list[Tensor], sigma: float, generator: torch.Generator) -> list[Tensor]:
-    """One draw of the RWP noise (std from :func:`optim.noise.filterwise_std`, the training rule)."""
+    """One draw of the RWP noise (std from :func:`flatness.optim.noise.filterwise_std`, the training rule)."""
     stds = filterwise_std(params, sigma=sigma)
     return [torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) * std for p, std in zip(params, stds)]
 

@@ -1,5 +1,10 @@
-"""The package version, read once from the installed metadata."""
+"""The package version, read from the installed distribution's metadata."""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("flatness")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     demo, figures = Path(args.demo), Path(args.figures)
     report = demo / "report"
     if not (report / "report.json").exists():
-        cmd = [sys.executable, "-m", "cli", "demo", "--out", str(demo)] + (["--force"] if demo.exists() else [])
+        cmd = [sys.executable, "-m", "flatness", "demo", "--out", str(demo)] + (["--force"] if demo.exists() else [])
         subprocess.run(cmd, cwd=REPO, check=True)
     figures.mkdir(parents=True, exist_ok=True)
     for name in NAMES:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# Subprocesses run from an empty directory, never the checkout: ``python -m flatness`` puts its
+# working directory first on sys.path, and the tests must exercise the installed package.
+RUN_DIR = Path(tempfile.mkdtemp(prefix="flatness-tests-cwd-"))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -54,9 +58,8 @@ def make_checkpoint(tmp_path: Path):
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the real ``flatness`` command in a subprocess (``python -m cli``)."""
+    """Run the real, installed ``flatness`` command in a subprocess (``python -m flatness``)."""
     full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
     return subprocess.run(
-        [sys.executable, "-m", "cli", *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "flatness", *args], cwd=cwd or RUN_DIR, env=full_env, capture_output=True, text=True, timeout=timeout
     )

@@ -278,7 +278,7 @@ def train(
             )
 
     if config.sigma_inc != 0.0:
-        from optim import CosineInc
+        from flatness.optim import CosineInc
 
         sigma_schedule = CosineInc(optimizer, config.epochs * batches_per_epoch, config.sigma_inc, last_step=step)
     t_start = time.perf_counter()

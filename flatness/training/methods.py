@@ -60,7 +60,7 @@ def check_method(config: TrainConfig) -> MethodSpec:
     """Validate the method and its hyperparameters before any data is loaded.
 
     Builds the optimizer over a one-parameter stand-in model, so every
-    hyperparameter check of :mod:`optim` runs (and fails as a one-line
+    hyperparameter check of :mod:`flatness.optim` runs (and fails as a one-line
     FlatnessError) up front.
     """
     import dataclasses

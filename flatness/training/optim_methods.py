@@ -1,10 +1,10 @@
-"""The :mod:`optim` methods as entries of the trainer's method table.
+"""The :mod:`flatness.optim` methods as entries of the trainer's method table.
 
 Every optimizer wraps ``torch.optim.SGD`` with the run's ``lr``, ``momentum``,
 ``weight_decay`` and ``nesterov``; its noise generators are seeded from the
 run seed, and it gets ``model=`` so perturbed passes leave BatchNorm running
 statistics alone. With ``--parallel-roles`` (under torchrun) m-RWP / m-ARWP
-become the two-role :class:`optim.ParallelMRWP` / :class:`optim.ParallelMARWP`.
+become the two-role :class:`flatness.optim.ParallelMRWP` / :class:`flatness.optim.ParallelMARWP`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import optim
+from flatness import optim
 from flatness.errors import FlatnessError
 from flatness.training.config import TrainConfig
 from flatness.training.methods import MethodSpec

@@ -25,7 +25,7 @@ from flatness.training.config import TrainConfig
 class TrainParallel:
     """Per-rank batch slicing and gradient / buffer averaging.
 
-    With ``--parallel-roles`` the optimizer (:class:`optim.ParallelMARWP`)
+    With ``--parallel-roles`` the optimizer (:class:`flatness.optim.ParallelMARWP`)
     does its own all-reduce (clean and perturbed roles) and buffer sync, so
     only the batch slicing and the metric sums are left here.
     """

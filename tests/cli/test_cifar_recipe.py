@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, RUN_DIR
 
 DOC = REPO / "docs" / "cifar_recipe.md"
 
@@ -51,17 +51,17 @@ def test_recipe_line_runs(tmp_path: Path, index: int) -> None:
     _tiny_cifar100(tmp_path / "data")
     out = tmp_path / "run"
     args = _adapt(cmd, tmp_path / "data", out)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if args[0] == "torchrun":
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         i = args.index("train")
         nproc = args[args.index("--nproc_per_node") + 1]
-        full = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc, "--master_port", str(port), "-m", "cli", *args[i:]]
+        full = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc, "--master_port", str(port), "-m", "flatness", *args[i:]]
     else:
-        full = [sys.executable, "-m", "cli", *args[1:]]
-    r = subprocess.run(full, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        full = [sys.executable, "-m", "flatness", *args[1:]]
+    r = subprocess.run(full, cwd=RUN_DIR, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "final.pt").exists()
     config = __import__("json").loads((out / "config.json").read_text())

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli.main import main
+from flatness.cli.main import main
 from tests.conftest import REPO, run_cli
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: avoid OpenMP spinning on a shared 2-core machine
@@ -104,7 +104,7 @@ def test_errors(make_checkpoint, tmp_path: Path, capsys: pytest.CaptureFixture, 
 
 
 def test_backend_choices_match_the_library() -> None:
-    from cli.hessian import BACKENDS
+    from flatness.cli.hessian import BACKENDS
     from flatness.curvature import BACKENDS as LIBRARY
 
     assert BACKENDS == LIBRARY
@@ -131,8 +131,8 @@ def test_torchrun_two_ranks_match_one(make_checkpoint, tmp_path: Path) -> None:
     args = ["hessian", str(ckpt), "--top-k", "3", "--trace", "--trace-matvecs", "12", "--samples", "90", "--dtype", "float64", "--tol", "1e-10", "--quiet", "--device", "cpu"]
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     assert main([*args, "--out", str(one)]) == 0
-    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "cli", *args, "--out", str(two)]
+    env = {**os.environ, **ONE_THREAD}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "flatness", *args, "--out", str(two)]
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count("wrote ") == 1  # one summary, from rank 0

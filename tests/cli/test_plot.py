@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from cli.main import main
+from flatness.cli.main import main
 from flatness.landscape import loss_surface
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from cli.main import main
+from flatness.cli.main import main
 from flatness.checkpoint import save_checkpoint
 from flatness.landscape import read_surface
 from flatness.models import build_model
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, RUN_DIR, run_cli
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: avoid OpenMP spinning on a shared 2-core machine
 
@@ -175,8 +175,8 @@ def test_sigkill_then_resume_is_identical(tmp_path: Path, make_checkpoint) -> No
     r = run_cli(*args, "--out", str(ref), env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
     killed = tmp_path / "killed.h5"
-    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(REPO), "FLATNESS_SURFACE_CHUNK_DELAY": "0.02"}
-    proc = subprocess.Popen([sys.executable, "-m", "cli", *args, "--out", str(killed)], cwd=REPO, env=env,
+    env = {**os.environ, **ONE_THREAD, "FLATNESS_SURFACE_CHUNK_DELAY": "0.02"}
+    proc = subprocess.Popen([sys.executable, "-m", "flatness", *args, "--out", str(killed)], cwd=RUN_DIR, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     for line in proc.stderr:  # the hidden hook reports "points DONE/TOTAL" after each written chunk
@@ -201,9 +201,9 @@ def test_two_gloo_processes_equal_one(tmp_path: Path, make_checkpoint) -> None: 
     r = run_cli(*args, "--out", str(one), env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
     two = tmp_path / "two.h5"
-    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli", *args, "--out", str(two)]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, **ONE_THREAD}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "flatness", *args, "--out", str(two)]
+    r = subprocess.run(cmd, cwd=RUN_DIR, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("wrote ") == 1  # only rank 0 reports
     _assert_same_file(one, two)

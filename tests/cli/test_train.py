@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from flatness.checkpoint import read_checkpoint_file
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, RUN_DIR, run_cli
 
 ARGS = ["--model", "mlp", "--data", "mnist1d", "--epochs", "4", "--batch-size", "16", "--save-every", "37", "--quiet"]
 
@@ -28,8 +28,8 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(tmp_path: Path) -> N
     r = run_cli("train", *ARGS, "--out", str(ref))
     assert r.returncode == 0, r.stderr
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "train", *ARGS, "--out", str(killed)], cwd=REPO, env=env,
+    env = {**os.environ}
+    proc = subprocess.Popen([sys.executable, "-m", "flatness", "train", *ARGS, "--out", str(killed)], cwd=RUN_DIR, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = killed / "checkpoints" / "last.pt"
     deadline = time.time() + 120

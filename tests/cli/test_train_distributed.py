@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from flatness.checkpoint import read_checkpoint_file
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, RUN_DIR, run_cli
 
 ARGS = ["--model", "mlp", "--data", "synthetic", "--epochs", "2", "--batch-size", "32", "--quiet", "--device", "cpu"]
 
@@ -23,10 +23,10 @@ def _free_port() -> int:
 
 
 def test_data_parallel_equals_single_process(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "cli", "train", *ARGS, "--out", str(tmp_path / "ddp")]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+           "-m", "flatness", "train", *ARGS, "--out", str(tmp_path / "ddp")]
+    r = subprocess.run(cmd, cwd=RUN_DIR, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("trained sgd") == 1  # only rank 0 reports
     single = run_cli("train", *ARGS, "--out", str(tmp_path / "single"))
@@ -39,10 +39,10 @@ def test_data_parallel_equals_single_process(tmp_path: Path) -> None:
 
 
 def test_parallel_roles_under_torchrun(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "cli", "train", *ARGS, "--method", "m-arwp", "--parallel-roles", "--sigma", "0.01", "--out", str(tmp_path / "par")]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+           "-m", "flatness", "train", *ARGS, "--method", "m-arwp", "--parallel-roles", "--sigma", "0.01", "--out", str(tmp_path / "par")]
+    r = subprocess.run(cmd, cwd=RUN_DIR, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     ck = read_checkpoint_file(tmp_path / "par" / "final.pt")
     assert ck["config"]["parallel_roles"] is True

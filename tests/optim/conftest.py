@@ -4,10 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
-# Make the repository root importable however pytest is launched.
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+# The helpers beside this file (optim_helpers, optim_parallel_worker) are imported by name, also
+# by spawned children. Only this folder goes on sys.path, never the repository root: the tests
+# must import the installed ``flatness``, not a stray module from the checkout.
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 
 
 @pytest.fixture(autouse=True)

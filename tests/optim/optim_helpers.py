@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import optim
+from flatness import optim
 
 # name -> (class, method kwargs). Hyperparameters are large enough that a bug
 # in the perturbation shows up, small enough that training still works.

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from optim_helpers import batches, forbid_host_sync, make_closure, model
 
-import optim
+from flatness import optim
 
 HYPER = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "sigma": 0.05, "lam": 0.3, "eta": 0.5, "beta": 0.9}
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from optim_helpers import batches, make_closure, make_opt, model
 
-import optim
+from flatness import optim
 
 
 def _bn_state(net):

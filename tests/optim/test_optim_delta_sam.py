@@ -6,8 +6,8 @@ import pytest
 import torch
 from optim_helpers import assert_same, batches, make_closure, model, snapshot, train
 
-import optim
-from optim.delta_sam import instance_weights
+from flatness import optim
+from flatness.optim.delta_sam import instance_weights
 
 
 def test_weights_have_mean_one_and_favour_unguarded_instances():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import optim
+from flatness import optim
 
 SGD = torch.optim.SGD
 

@@ -15,7 +15,7 @@ from optim_helpers import (
     train,
 )
 
-import optim
+from flatness import optim
 
 
 def _sgd_run(net, data_batches, **kwargs):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optim.noise import (
+from flatness.optim.noise import (
     filterwise_noise_,
     filterwise_std,
     fisher_like,

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from optim_helpers import batches, make_closure, model, snapshot
 from optim_parallel_worker import HYPER, run
 
-import optim
+from flatness import optim
 
 STEPS = 3
 

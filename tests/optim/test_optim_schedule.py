@@ -8,7 +8,7 @@ import pytest
 import torch
 from optim_helpers import roundtrip
 
-import optim
+from flatness import optim
 
 
 def _opt(sigma=0.001, **kwargs):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from optim_helpers import METHODS, assert_same, batches, make_opt, model, roundtrip, snapshot, train
 
-import optim
+from flatness import optim
 
 
 @pytest.mark.parametrize("name", list(METHODS))

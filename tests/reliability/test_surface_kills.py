@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, RUN_DIR, run_cli
 
 ARGS = ["--dim", "2", "--x", "-1:1:21", "--y", "-1:1:21", "--samples", "3000", "--chunk-size", "21", "--device", "cpu", "--quiet"]
 ATTEMPTS = 5
@@ -81,13 +81,13 @@ def test_random_kills_then_resume(tmp_path: Path, make_checkpoint, surface_kill_
     out = tmp_path / "killed" / "surface.h5"
     out.parent.mkdir()
     rng = random.Random(7)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ}
     kills = 0
     entry = {"tried": ATTEMPTS, "landed": 0, "survived": 0}
     surface_kill_log.append(entry)
     for _ in range(ATTEMPTS):
-        cmd = [sys.executable, "-m", "cli", "surface", str(ckpt), *ARGS, "--out", str(out), "--resume"]
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        cmd = [sys.executable, "-m", "flatness", "surface", str(ckpt), *ARGS, "--out", str(out), "--resume"]
+        proc = subprocess.Popen(cmd, cwd=RUN_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         # a random moment before the work left would be done: start-up, a chunk, a write
         left = float(np.isnan(read_surface(out)["train_loss"]).mean()) if out.exists() else 1.0
         delay = rng.uniform(0.3, startup + 0.8 * left * compute)

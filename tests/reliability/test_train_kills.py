@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from flatness.checkpoint import read_checkpoint_file
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, RUN_DIR, run_cli
 
 BASE = ["--model", "mlp", "--data", "mnist1d", "--epochs", "4", "--batch-size", "32", "--save-every", "7", "--quiet", "--device", "cpu"]
 METHODS = {
@@ -56,13 +56,13 @@ def test_random_kills_then_resume(tmp_path: Path, method: str, kill_log: list) -
     assert r.returncode == 0, r.stderr
     run = tmp_path / "killed"
     rng = random.Random(hash(method) % 1000)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ}
     kills = 0
     for attempt in range(KILLS_PER_METHOD):
-        cmd = [sys.executable, "-m", "cli", "train", *args, "--out", str(run)] + (["--resume"] if run.exists() else [])
+        cmd = [sys.executable, "-m", "flatness", "train", *args, "--out", str(run)] + (["--resume"] if run.exists() else [])
         last = run / "checkpoints" / "last.pt"
         before = last.stat().st_mtime_ns if last.exists() else None
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, cwd=RUN_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if attempt == 0:
             time.sleep(rng.uniform(0.2, 1.5))  # during start-up, before or while the run dir is made
         else:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, RUN_DIR, run_cli
 
 
 class Payload:
@@ -150,5 +150,5 @@ def test_payload_is_live(tmp_path: Path, good_run: Path) -> None:
     evil = tmp_path / "evil.pt"
     _evil_checkpoint(evil, good_run / "final.pt", marker, "field")
     code = f"import torch; torch.load({str(evil)!r}, weights_only=False)"
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", code], cwd=RUN_DIR, check=True, capture_output=True)
     assert marker.exists()

@@ -29,20 +29,20 @@ import pytest
 import torch
 
 from flatness.checkpoint import read_checkpoint_file
-from tests.conftest import REPO
+from tests.conftest import REPO, RUN_DIR
 
 TRAIN = ["train", "--data", "synthetic", "--model", "mlp", "--batch-size", "32", "--schedule", "constant", "--device", "cpu", "--quiet"]
 
 
 def _run_limited(*args: str, cwd: Path, max_file_bytes: int | None = None) -> subprocess.CompletedProcess:
-    """``python -m cli ARGS`` with every file it writes capped at ``max_file_bytes`` (RLIMIT_FSIZE)."""
+    """``python -m flatness ARGS`` with every file it writes capped at ``max_file_bytes`` (RLIMIT_FSIZE)."""
 
     def limit() -> None:
         if max_file_bytes is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+    env = {**os.environ}
+    return subprocess.run([sys.executable, "-m", "flatness", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300, preexec_fn=limit)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cli.common import add_command, add_common, positive_int
+from flatness.cli.common import add_command, add_common, positive_int
 from flatness.errors import FlatnessError
 
 EXAMPLES = """\

@@ -2,7 +2,7 @@ r"""How the perturbed point :math:`w + \epsilon` is made - the pluggable piece.
 
 SAM, ASAM, RWP and ARWP share every line of bookkeeping (backups, gradient
 stashing, BatchNorm handling, the base-optimizer step, checkpointing; see
-:mod:`optim.wrapper`) and differ only in :math:`\epsilon`:
+:mod:`flatness.optim.wrapper`) and differ only in :math:`\epsilon`:
 
 * :class:`GradientPerturbation` - SAM (Foret et al., ICLR 2021, "Sharpness-Aware
   Minimization for Efficiently Improving Generalization") and ASAM (Kwon et
@@ -17,7 +17,7 @@ stashing, BatchNorm handling, the base-optimizer step, checkpointing; see
   with the norm taken over all parameters of all groups and :math:`g` the
   gradient at :math:`w`.
 * :class:`RandomPerturbation` - RWP / ARWP (Li et al., TMLR 2024), filter-wise
-  Gaussian noise, see :mod:`optim.noise`.
+  Gaussian noise, see :mod:`flatness.optim.noise`.
 
 A perturbation writes :math:`w + \epsilon` into the parameters in place and an
 exact copy of :math:`w` into the backups the wrapper hands it; the wrapper

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cli.common import add_command, add_common, positive_int
+from flatness.cli.common import add_command, add_common, positive_int
 
 EXAMPLES = """\
   flatness surface runs/sgd/final.pt --dim 1 --x -1:1:51 --out sgd_1d.h5
@@ -19,7 +19,7 @@ EXAMPLES = """\
   flatness surface runs/sgd/final.pt --dim 2 --directions pca --run runs/sgd --x -40:40:41 --y -20:20:41 --out pca.h5
   flatness surface runs/sgd/final.pt --dim 1 --directions interp --to runs/sam/final.pt --x -0.5:1.5:41 --out line.h5
   flatness surface a.pt --dim 2 --directions interp --to b.pt c.pt --x -0.5:1.5:31 --y -0.5:1.5:31 --out plane.h5
-  torchrun --nproc_per_node 2 -m cli surface runs/sgd/final.pt --dim 2 --x -1:1:51 --y -1:1:51 --out s.h5
+  torchrun --nproc_per_node 2 -m flatness surface runs/sgd/final.pt --dim 2 --x -1:1:51 --y -1:1:51 --out s.h5
   flatness plot sgd_2d.h5 --kind contour --out sgd_contour.png
 
 Grid axes are MIN:MAX:N (N points from MIN to MAX, inclusive). The file holds

@@ -2,7 +2,7 @@ r"""The random-weight-perturbation family: RWP, ARWP, m-RWP, m-ARWP.
 
 Li et al., TMLR 2024, "Revisiting Random Weight Perturbation for Efficiently
 Improving Generalization" (official code: github.com/nblt/mARWP, whose
-equations these classes follow; see :mod:`optim.noise` for the noise).
+equations these classes follow; see :mod:`flatness.optim.noise` for the noise).
 
 * **RWP** - one pass at :math:`w + \epsilon`, :math:`\epsilon` filter-wise
   Gaussian with std :math:`\sigma \lVert W_i\rVert` per row; the gradient there
@@ -34,7 +34,7 @@ Batch schemes of the mixed methods (``mix_batches``):
   ``state_dict()`` / ``load_state_dict()``.
 
 BatchNorm: with ``model=`` the perturbed pass of m-(A)RWP runs under
-:func:`~optim.disable_running_stats`. Single-pass RWP/ARWP have no clean pass,
+:func:`~flatness.optim.disable_running_stats`. Single-pass RWP/ARWP have no clean pass,
 so their one (perturbed) pass does record the statistics, as in the official
 code - otherwise they would never be updated.
 """
@@ -69,7 +69,7 @@ class RWP(PerturbedOptimizer):
             statistics (see module docs).
         seed: seed of the optimizer's own noise generators.
         foreach, grad_scaler, **base_kwargs: see
-            :class:`~optim.wrapper.PerturbedOptimizer`.
+            :class:`~flatness.optim.wrapper.PerturbedOptimizer`.
 
     Raises:
         ValueError: ``sigma < 0``.
@@ -129,7 +129,7 @@ class ARWP(PerturbedOptimizer):
         params: parameters or parameter groups.
         base_optimizer: optimizer class.
         sigma: relative noise std (>= 0). The paper's single-pass recipe grows
-            it with :class:`~optim.CosineInc` (e.g. 0.001 with ``inc=10``).
+            it with :class:`~flatness.optim.CosineInc` (e.g. 0.001 with ``inc=10``).
         eta: adaptivity strength (>= 0); ``eta=0`` draws RWP's noise.
         beta: accumulator decay, ``0 <= beta < 1``.
         model, seed, foreach, grad_scaler, **base_kwargs: as for :class:`RWP`.

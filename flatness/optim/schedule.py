@@ -25,8 +25,8 @@ class CosineInc:
 
     Call :meth:`step` once per unit of ``total_steps`` (the official recipe:
     once per batch, with ``total_steps = epochs * batches_per_epoch``). Works
-    with any optimizer whose param groups hold ``sigma`` (:class:`~optim.RWP`,
-    :class:`~optim.ARWP`, :class:`~optim.MRWP`, :class:`~optim.MARWP`, the
+    with any optimizer whose param groups hold ``sigma`` (:class:`~flatness.optim.RWP`,
+    :class:`~flatness.optim.ARWP`, :class:`~flatness.optim.MRWP`, :class:`~flatness.optim.MARWP`, the
     parallel ones). On construction each group's current ``sigma`` is recorded
     as ``group["initial_sigma"]`` (kept if already present, e.g. on resume) and
     becomes its :math:`\\sigma_0`.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cli.common import add_command, add_common, positive_int
+from flatness.cli.common import add_command, add_common, positive_int
 from flatness.errors import FlatnessError
 
 EXAMPLES = """\
@@ -15,7 +15,7 @@ EXAMPLES = """\
   flatness train --out runs/sgd --resume             # continue after a crash or kill
   flatness train --model resnet18 --data cifar100 --data-dir ~/data/cifar --epochs 200 \\
       --batch-size 256 --lr 0.1 --weight-decay 1e-3 --cutout 16 --method m-arwp --sigma 0.015
-  torchrun --nproc_per_node 2 -m cli train --method m-arwp --parallel-roles --out runs/par
+  torchrun --nproc_per_node 2 -m flatness train --method m-arwp --parallel-roles --out runs/par
 """
 
 

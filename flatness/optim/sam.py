@@ -36,7 +36,7 @@ class SAM(PerturbedOptimizer):
     ``None`` are not perturbed.
 
     BatchNorm: pass ``model=`` and the second pass runs under
-    :func:`~optim.disable_running_stats`, so running statistics only see the
+    :func:`~flatness.optim.disable_running_stats`, so running statistics only see the
     first (clean) pass. Without ``model`` they are updated twice.
 
     Args:
@@ -44,7 +44,7 @@ class SAM(PerturbedOptimizer):
         base_optimizer: optimizer class, e.g. ``torch.optim.SGD``.
         rho: radius of the perturbation (> 0).
         model: network whose BatchNorm layers the second pass leaves alone.
-        seed, foreach, grad_scaler: see :class:`~optim.wrapper.PerturbedOptimizer`.
+        seed, foreach, grad_scaler: see :class:`~flatness.optim.wrapper.PerturbedOptimizer`.
         **base_kwargs: base optimizer hyperparameters (``lr``, ``momentum``, ...).
 
     Raises:

@@ -1,4 +1,4 @@
-"""Hyperparameter validation shared by the optimizers in :mod:`optim`.
+"""Hyperparameter validation shared by the optimizers in :mod:`flatness.optim`.
 
 Every check raises ``ValueError`` naming the offending value (``TypeError`` for
 a value of the wrong kind), so that ``flatness train`` can turn it into a

@@ -14,7 +14,7 @@ forward-backward per process. A single all-reduce forms
 
 and every rank applies the same base-optimizer step, so the weights stay
 identical without DDP (do not wrap the model in ``DistributedDataParallel``).
-With one rank per role this is exactly :class:`~optim.MARWP` with
+With one rank per role this is exactly :class:`~flatness.optim.MARWP` with
 ``mix_batches="alternate"`` (clean batch, then perturbed batch) - the property
 the tests check.
 
@@ -23,10 +23,10 @@ What the same all-reduce also carries, so all ranks hold the same state:
 * ARWP: the perturbed ranks' squared row sums (averaged over perturbed ranks,
   unscaled by ``GradScaler``); every rank updates the same accumulator.
 * BatchNorm (``model`` given, ``buffer_sync="average"``): perturbed passes run
-  under :func:`~optim.disable_running_stats`; afterwards every floating buffer
+  under :func:`~flatness.optim.disable_running_stats`; afterwards every floating buffer
   becomes the mean over the clean ranks (integer buffers such as
   ``num_batches_tracked`` travel in a second, tiny all-reduce).
-* Noise: counter-based generators (:mod:`optim.rng`) with one stream per
+* Noise: counter-based generators (:mod:`flatness.optim.rng`) with one stream per
   perturbed rank, so ``state_dict()`` of *any* rank resumes every rank exactly.
 
 Use from a training loop (``torchrun --nproc_per_node 2 train.py``)::
@@ -90,7 +90,7 @@ class ParallelMARWP(PerturbedOptimizer):
     Args:
         params: parameters or parameter groups (identical on every rank).
         base_optimizer: optimizer class, e.g. ``torch.optim.SGD``.
-        sigma, lam, eta, beta: as for :class:`~optim.MARWP` (``lam`` is read from
+        sigma, lam, eta, beta: as for :class:`~flatness.optim.MARWP` (``lam`` is read from
             each param group).
         model: the network (recommended): BatchNorm handling and buffer sync.
         process_group: the group to run over (default: the world).
@@ -102,7 +102,7 @@ class ParallelMARWP(PerturbedOptimizer):
         sync_init: broadcast parameters and buffers from group rank 0 at
             construction, so all ranks start from the same weights.
         foreach, grad_scaler, **base_kwargs: as for
-            :class:`~optim.wrapper.PerturbedOptimizer`. With ``grad_scaler`` the
+            :class:`~flatness.optim.wrapper.PerturbedOptimizer`. With ``grad_scaler`` the
             closure backpropagates ``grad_scaler.scale(loss)``; an overflow on
             any rank makes every rank skip the step.
 

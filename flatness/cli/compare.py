@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli.common import add_command, add_common, positive_int
+from flatness.cli.common import add_command, add_common, positive_int
 
 EXAMPLES = """\
   flatness compare runs/sgd/final.pt runs/sam/final.pt runs/marwp/final.pt --out report

@@ -34,9 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"cli.{name}")
+            module = importlib.import_module(f"flatness.cli.{name}")
         except ModuleNotFoundError as e:
-            if e.name == f"cli.{name}":
+            if e.name == f"flatness.cli.{name}":
                 continue  # command not built yet
             raise
         module.register(sub)

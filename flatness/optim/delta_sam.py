@@ -107,7 +107,7 @@ class DeltaSAM(PerturbedOptimizer):
         model: network whose BatchNorm layers the probe and perturbed passes
             leave alone.
         seed, foreach, grad_scaler, **base_kwargs: see
-            :class:`~optim.wrapper.PerturbedOptimizer`.
+            :class:`~flatness.optim.wrapper.PerturbedOptimizer`.
 
     Raises:
         ValueError: ``rho <= 0``, ``temperature <= 0`` or ``num_perturbations < 1``.

@@ -1,10 +1,10 @@
-r"""The two-pass optimizer wrapper that every method in :mod:`optim` builds on.
+r"""The two-pass optimizer wrapper that every method in :mod:`flatness.optim` builds on.
 
 :class:`PerturbedOptimizer` wraps a base optimizer (``torch.optim.SGD``, ``Adam``,
 ...) the way the well-known SAM implementations do (davda54/sam): the wrapper
 and the base optimizer share one ``param_groups`` list, so learning-rate
 schedulers, ``add_param_group`` and per-group hyperparameters work on either.
-What is specific to a method is the :class:`~optim.perturbation.Perturbation`
+What is specific to a method is the :class:`~flatness.optim.perturbation.Perturbation`
 it plugs in (and, for m-(A)RWP, the gradient mixing).
 
 One update, in the general form (SAM: :math:`\lambda = 1`; m-(A)RWP:
@@ -82,7 +82,7 @@ def _default_foreach(params: list[Tensor]) -> bool:
 class PerturbedOptimizer(torch.optim.Optimizer):
     """Base class: a base optimizer plus a pluggable weight perturbation.
 
-    Subclasses (:class:`~optim.SAM`, :class:`~optim.MARWP`, ...) choose the
+    Subclasses (:class:`~flatness.optim.SAM`, :class:`~flatness.optim.MARWP`, ...) choose the
     perturbation and whether the perturbed gradient is mixed with the clean
     one; this class owns everything else.
 
@@ -97,9 +97,9 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         mixing: combine :math:`\\lambda g(w+\\epsilon) + (1-\\lambda) g(w)`
             (m-(A)RWP); reads ``lam`` from each group.
         mix_batches: ``"same"`` or ``"alternate"`` (only with ``mixing``), see
-            :class:`~optim.MARWP`.
+            :class:`~flatness.optim.MARWP`.
         model: the network; when given, the perturbed pass runs inside
-            :func:`~optim.disable_running_stats` so BatchNorm running statistics
+            :func:`~flatness.optim.disable_running_stats` so BatchNorm running statistics
             only record clean passes.
         seed: seed of the noise generators (``None``: ``torch.initial_seed()``).
         foreach: ``torch._foreach_*`` kernels (``None``: on accelerators only).
@@ -364,7 +364,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs: base optimizer state (momentum, ...),
         accumulators (``state[p]``), counters, the noise generators' state
-        (seed, stream, draw counter; see :mod:`optim.rng`) and, between the two
+        (seed, stream, draw counter; see :mod:`flatness.optim.rng`) and, between the two
         batches of an ``"alternate"`` pair, the stashed clean gradient. Only
         tensors and plain Python values, so ``torch.load(weights_only=True)``
         reads it back."""

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cli.common import add_command, check_output_file, require_file
+from flatness.cli.common import add_command, check_output_file, require_file
 from flatness.errors import FlatnessError
 
 EXAMPLES = """\

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cli.common import add_command, add_common, check_output_file, positive_int, require_file
+from flatness.cli.common import add_command, add_common, check_output_file, positive_int, require_file
 from flatness.errors import FlatnessError
 
 EXAMPLES = """\
@@ -14,7 +14,7 @@ EXAMPLES = """\
   flatness hessian runs/marwp/final.pt --trace --density --samples 2000 --out marwp_hessian.json
   flatness hessian resnet18_official.pt --model resnet18 --data cifar10 --data-dir ~/data/cifar-10-batches-py \\
       --samples 5000 --batch-size 500 --device cuda --out r18.json
-  torchrun --nproc_per_node 2 -m cli hessian runs/sgd/final.pt --out sgd_hessian.json
+  torchrun --nproc_per_node 2 -m flatness hessian runs/sgd/final.pt --out sgd_hessian.json
   flatness plot marwp_hessian.json --log --out density.png   # draws the spectral density (needs --density)
 """
 

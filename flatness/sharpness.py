@@ -24,16 +24,17 @@ checkpoint), on the same batches, and leave the weights exactly as found.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from flatness.losses import LossFn, batch_loss, batch_size
 from flatness.optim.noise import filterwise_std
 
-Batches = Sequence[tuple[Tensor, Tensor]]
-LossFn = Callable[[Tensor, Tensor], Tensor]
+Batches = Sequence[Any]
 
 
 @dataclass
@@ -50,11 +51,12 @@ class SharpnessCurve:
 @torch.no_grad()
 def mean_loss(model: nn.Module, loss_fn: LossFn, batches: Batches) -> Tensor:
     """Sample-weighted mean of ``loss_fn`` over the batches (a 0-dim tensor, float64)."""
-    total = torch.zeros((), dtype=torch.float64, device=batches[0][0].device)
+    total = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
     count = 0
-    for x, y in batches:
-        total += loss_fn(model(x), y).double() * y.shape[0]
-        count += y.shape[0]
+    for batch in batches:
+        n = batch_size(batch)
+        total += batch_loss(model, loss_fn, batch).double() * n
+        count += n
     return total / count
 
 
@@ -122,11 +124,11 @@ def adversarial_sharpness(model: nn.Module, loss_fn: LossFn, batches: Batches, r
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
     try:
-        n = sum(y.shape[0] for _, y in batches)
+        n = sum(batch_size(b) for b in batches)
         grads = [torch.zeros_like(p) for p in params]
         base = torch.zeros((), dtype=torch.float64, device=saved[0].device)
-        for x, y in batches:
-            loss = loss_fn(model(x), y) * (y.shape[0] / n)
+        for batch in batches:
+            loss = batch_loss(model, loss_fn, batch) * (batch_size(batch) / n)
             g = torch.autograd.grad(loss, params)
             torch._foreach_add_(grads, g)
             base += loss.detach().double()

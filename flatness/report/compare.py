@@ -5,16 +5,27 @@ samples, eval mode): train/test loss and accuracy; top-k Hessian eigenvalues
 (Lanczos) and the trace (Hutch++); the random-perturbation sharpness curve
 and adversarial rho-sharpness (:mod:`flatness.sharpness`); the loss along the
 straight line from the first checkpoint to it; optionally 1D/2D
-filter-normalized surfaces and the spectral density. Every artifact is cached
-by checkpoint content hash and settings (:mod:`flatness.report.cache`), so
-adding one checkpoint to a comparison only computes that one.
+filter-normalized surfaces and the spectral density. One Hessian operator per
+checkpoint serves the eigenvalues, the trace and the density (one graph
+cache). Every artifact is cached by checkpoint content hash and settings
+(:mod:`flatness.report.cache`), so adding one checkpoint to a comparison only
+computes that one, and worker processes can fill the cache in parallel
+(:func:`measure_checkpoint`) before one process writes the report.
+
+Checkpoints are grouped by label (default: the training method); the
+report adds per-group mean +- sd over seeds and paired differences against
+``sgd`` and ``sgd-2x`` (:mod:`flatness.report.stats`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +39,8 @@ from flatness.version import __version__
 
 SURFACE_KINDS = ("1d", "2d", "none")
 # Bumped whenever a computation changes, so older cache entries are not reused.
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"
+SURFACE_SCOPES = ("all", "first-per-group")
 
 
 @dataclass
@@ -49,6 +61,7 @@ class CompareSettings:
     rho: float = 0.05
     interp_points: int = 25
     seed: int = 0
+    surfaces_for: str = "all"
 
     def validate(self) -> None:
         if self.surface not in SURFACE_KINDS:
@@ -56,10 +69,12 @@ class CompareSettings:
         for name in ("samples", "batch_size", "top_k", "trace_matvecs", "draws", "surface_points", "interp_points"):
             if getattr(self, name) <= 0:
                 raise FlatnessError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        if any(r < 0 for r in self.radii):
-            raise FlatnessError(f"--radii must be >= 0, got {list(self.radii)}")
-        if self.rho <= 0:
-            raise FlatnessError(f"--rho must be positive, got {self.rho}")
+        if not self.radii or any(not (math.isfinite(r) and r >= 0) for r in self.radii):
+            raise FlatnessError(f"--radii must be finite numbers >= 0, got {list(self.radii)}")
+        if not (math.isfinite(self.rho) and self.rho > 0):
+            raise FlatnessError(f"--rho must be a finite positive number, got {self.rho}")
+        if self.surfaces_for not in SURFACE_SCOPES:
+            raise FlatnessError(f"unknown surfaces_for {self.surfaces_for!r}; expected one of {', '.join(SURFACE_SCOPES)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -93,31 +108,90 @@ def _label(path: Path, config: dict[str, Any], taken: set[str]) -> str:
     return label
 
 
-def _run_metrics(path: Path) -> list[dict[str, Any]] | None:
-    """metrics.jsonl of the run the checkpoint belongs to, if any."""
+def _read_jsonl(f: Path) -> list[dict[str, Any]] | None:
+    try:
+        return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _run_dir(path: Path) -> Path | None:
+    """The run directory a checkpoint belongs to (``final.pt`` or ``checkpoints/*.pt``), if any."""
     for folder in (path.parent, path.parent.parent):
-        f = folder / "metrics.jsonl"
-        if f.is_file():
-            try:
-                return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-            except (OSError, json.JSONDecodeError):
-                return None
+        if (folder / "config.json").is_file() or (folder / "metrics.jsonl").is_file():
+            return folder
     return None
 
 
-def _core_metrics(a: Analysis, s: CompareSettings, test_batches: list) -> dict[str, Any]:
-    from flatness.curvature import hessian_trace, top_eigenvalues
-    from flatness.sharpness import adversarial_sharpness, random_sharpness
-    from flatness.training.loop import evaluate
+def _run_metrics(path: Path) -> list[dict[str, Any]] | None:
+    """metrics.jsonl of the run the checkpoint belongs to, if any."""
+    run = _run_dir(path)
+    return _read_jsonl(run / "metrics.jsonl") if run and (run / "metrics.jsonl").is_file() else None
 
-    x = torch.cat([b[0] for b in a.batches])
-    y = torch.cat([b[1] for b in a.batches])
-    train_loss, train_acc = evaluate(a.model, x, y, s.batch_size)
-    tx = torch.cat([b[0] for b in test_batches])
-    ty = torch.cat([b[1] for b in test_batches])
-    test_loss, test_acc = evaluate(a.model, tx, ty, s.batch_size)
-    eig = top_eigenvalues(a.model, a.loss_fn, a.batches, k=s.top_k, tol=s.tol, seed=s.seed)
-    tr = hessian_trace(a.model, a.loss_fn, a.batches, num_matvecs=s.trace_matvecs, seed=s.seed)
+
+def _curvature_track(path: Path) -> list[dict[str, Any]] | None:
+    """curvature.jsonl (``flatness train --track-curvature``) of the checkpoint's run, if any."""
+    run = _run_dir(path)
+    return _read_jsonl(run / "curvature.jsonl") if run and (run / "curvature.jsonl").is_file() else None
+
+
+def run_cost(config: dict[str, Any], metrics: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """Parameter updates, gradient evaluations and training wall time of a run.
+
+    ``updates`` / ``grad_evals`` come from config.json when the trainer
+    recorded them; otherwise from the last metrics row's step count (one
+    optimizer call per batch; the alternate m-(A)RWP scheme updates on every
+    second call and spends one gradient per call).
+    """
+    from flatness.training.config import TrainConfig
+    from flatness.training.methods import grad_evals_per_batch
+
+    cost: dict[str, Any] = {"updates": config.get("updates"), "grad_evals": config.get("grad_evals"), "train_seconds": None}
+    if metrics:
+        cost["train_seconds"] = sum(float(r.get("seconds", 0.0)) for r in metrics)
+        calls = metrics[-1].get("step")
+        if isinstance(calls, int) and config.get("method") and (cost["updates"] is None or cost["grad_evals"] is None):
+            try:
+                cfg = TrainConfig.from_dict(config)
+                evals = grad_evals_per_batch(cfg)
+            except FlatnessError:
+                return cost
+            alternate = cfg.method in ("m-rwp", "m-arwp") and cfg.mix_batches == "alternate"
+            if cost["updates"] is None:
+                cost["updates"] = calls // 2 if alternate else calls
+            if cost["grad_evals"] is None:
+                cost["grad_evals"] = calls * evals
+    return cost
+
+
+def _curvature(a: Analysis, s: CompareSettings) -> dict[str, Any]:
+    """Top-k eigenvalues, Hutch++ trace and (optionally) the SLQ density from ONE Hessian operator."""
+    from flatness.curvature import HessianOperator, hutchpp_trace, lanczos_top_eigs, slq_density
+
+    H = HessianOperator(a.model, a.loss_fn, a.batches)
+    eig = lanczos_top_eigs(H, s.top_k, s.tol, seed=s.seed)
+    tr = hutchpp_trace(H, s.trace_matvecs, seed=s.seed)
+    out: dict[str, Any] = {
+        "top_eigenvalues": [float(v) for v in eig.eigenvalues],
+        "eigen_residuals": [float(v) for v in eig.residuals],
+        "eigen_converged": bool(eig.converged),
+        "trace": float(tr.trace),
+        "trace_stderr": float(tr.stderr),
+        "bn_mode": H.bn_mode,
+    }
+    if s.density:
+        d = slq_density(H, 60, 2, num_points=400, seed=s.seed)
+        out["density"] = {"grid": d.grid.tolist(), "values": d.density.tolist(), "sigma": d.sigma, "hvp_count": d.hvp_count}
+    out["hvp_count"] = int(H.hvp_count)
+    return out
+
+
+def _core_metrics(a: Analysis, s: CompareSettings, test_batches: list) -> dict[str, Any]:
+    from flatness.evaluation import evaluate
+    from flatness.sharpness import adversarial_sharpness, random_sharpness
+
+    train_loss, train_acc = evaluate(a.model, a.loss_fn, a.batches)
+    test_loss, test_acc = evaluate(a.model, a.loss_fn, test_batches)
     curve = random_sharpness(a.model, a.loss_fn, a.batches, s.radii, draws=s.draws, seed=s.seed)
     adv = adversarial_sharpness(a.model, a.loss_fn, a.batches, rho=s.rho)
     return {
@@ -125,85 +199,59 @@ def _core_metrics(a: Analysis, s: CompareSettings, test_batches: list) -> dict[s
         "train_acc": train_acc,
         "test_loss": test_loss,
         "test_acc": test_acc,
-        "top_eigenvalues": [float(v) for v in eig.eigenvalues],
-        "eigen_residuals": [float(v) for v in eig.residuals],
-        "eigen_converged": bool(eig.converged),
-        "trace": float(tr.trace),
-        "trace_stderr": float(tr.stderr),
-        "hvp_count": int(eig.hvp_count) + int(tr.hvp_count),
+        **_curvature(a, s),
         "sharpness": {"radii": curve.radii, "loss_increase": curve.loss_increase, "stderr": curve.stderr, "draws": curve.draws},
         "adversarial_sharpness": adv,
         "adversarial_rho": s.rho,
     }
 
 
-def _density(a: Analysis, s: CompareSettings) -> dict[str, Any]:
-    from flatness.curvature import spectral_density
-
-    d = spectral_density(a.model, a.loss_fn, a.batches, num_steps=60, num_runs=2, num_points=400, seed=s.seed)
-    return {"grid": d.grid.tolist(), "values": d.density.tolist(), "sigma": d.sigma, "hvp_count": d.hvp_count}
-
-
 @torch.no_grad()
 def _interpolation(first: Analysis, other: Analysis, s: CompareSettings) -> dict[str, Any]:
     """Loss and accuracy along (1 - a) * w_first + a * w_other (BN running statistics blended too)."""
-    from flatness.training.loop import evaluate
+    from flatness.evaluation import evaluate
 
-    x = torch.cat([b[0] for b in first.batches])
-    y = torch.cat([b[1] for b in first.batches])
     # clones: state_dict() returns the live tensors, which load_state_dict overwrites
     sa = {k: v.clone() for k, v in first.model.state_dict().items()}
     sb = {k: v.clone() for k, v in other.model.state_dict().items()}
     alphas = torch.linspace(-0.25, 1.25, s.interp_points).tolist()
     probe = other.model
-    saved = sb
     losses, accs = [], []
     try:
         for alpha in alphas:
             blended = {k: (sa[k] * (1 - alpha) + sb[k] * alpha) if sa[k].is_floating_point() else sb[k] for k in sb}
             probe.load_state_dict(blended)
-            loss, acc = evaluate(probe, x, y, s.batch_size)
+            loss, acc = evaluate(probe, first.loss_fn, first.batches)
             losses.append(loss)
             accs.append(acc)
     finally:
-        probe.load_state_dict(saved)
+        probe.load_state_dict(sb)
     return {"alpha": alphas, "loss": losses, "acc": accs}
 
 
-def compare(
-    checkpoints: list[str | Path],
-    out: str | Path,
-    settings: CompareSettings | None = None,
-    *,
-    device: torch.device | str = "cpu",
-    force: bool = False,
-    quiet: bool = True,
-) -> CompareResult:
-    """Compute everything for each checkpoint and write ``report.{html,md,json}`` in ``out``.
+def _check_writable(out: Path) -> None:
+    """Refuse an --out that cannot be written, before anything is computed (nothing is left behind)."""
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not probe.is_dir():
+        raise FlatnessError(f"cannot create report folder {out}: {probe} is not a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".flatness-probe-", dir=probe)
+    except OSError as e:
+        raise FlatnessError(f"cannot write the report into {out}: {e.strerror} ({probe}); choose another --out") from None
+    os.close(fd)
+    os.unlink(name)
 
-    An existing report in ``out`` is replaced only with ``force``; the cache
-    in ``out/cache`` is always reused.
 
-    Raises:
-        FlatnessError: bad settings, unreadable checkpoints, checkpoints on
-            different datasets, or an existing report without ``force``.
-    """
-    from flatness.progress import progress
-    from flatness.report.figures import make_figures
-    from flatness.report.render import write_reports
+def _check_distinct(paths: list[Path], digests: list[str]) -> None:
+    """The same checkpoint (same bytes) twice is refused: it would be two rows of one model."""
+    seen: dict[str, Path] = {}
+    for p, d in zip(paths, digests):
+        if d in seen:
+            raise FlatnessError(f"{p} is the same checkpoint as {seen[d]} (identical bytes); pass each checkpoint once")
+        seen[d] = p
 
-    s = settings or CompareSettings()
-    s.validate()
-    if not checkpoints:
-        raise FlatnessError("compare needs at least one checkpoint")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FlatnessError(f"--out {out} exists and is not a folder")
-    if (out / "report.json").exists() and not force:
-        raise FlatnessError(f"{out} already holds a report; pass --force to replace it (the cache is kept)")
-    t0 = time.perf_counter()
-    paths = [Path(p) for p in checkpoints]
-    analyses = [prepare_analysis(p, samples=s.samples, batch_size=s.batch_size, device=device) for p in paths]
+
+def _check_inputs(paths: list[Path], analyses: list[Analysis]) -> None:
     datasets = {a.dataset for a in analyses}
     if len(datasets) > 1:
         raise FlatnessError(f"checkpoints were trained on different datasets ({', '.join(sorted(datasets))}); compare needs one")
@@ -214,46 +262,132 @@ def compare(
             f"{paths[other]} holds another network than {paths[0]} ({analyses[other].checkpoint.model_name} vs "
             f"{analyses[0].checkpoint.model_name}); compare interpolates between the checkpoints and needs one architecture"
         )
+
+
+def _keys(s: CompareSettings) -> tuple[str, str]:
+    sd = s.to_dict()
+    core = {k: sd[k] for k in ("samples", "top_k", "tol", "trace_matvecs", "radii", "draws", "rho", "seed", "density")}
+    surf = {k: sd[k] for k in ("samples", "surface", "surface_points", "surface_range", "seed")}
+    return json.dumps(core, sort_keys=True), json.dumps(surf, sort_keys=True)
+
+
+def _test_batches(a: Analysis, s: CompareSettings, device: torch.device | str) -> list:
+    from flatness.data import analysis_batches, load_dataset
+
+    ds = load_dataset(a.dataset, a.checkpoint.config.get("data_dir"), augment=False)
+    return analysis_batches(ds.test, batch_size=s.batch_size, device=device)
+
+
+def measure_checkpoint(path: str | Path, out: str | Path, settings: CompareSettings, *, surface: bool = True,
+                       device: torch.device | str = "cpu") -> None:
+    """Fill ``out/cache`` with one checkpoint's core measures (and surface), as :func:`compare` would.
+
+    Lets worker processes measure checkpoints in parallel; the final
+    :func:`compare` then reuses every entry. Writes only into the cache.
+    """
+    from flatness.report.surfaces import surface_for
+
+    settings.validate()
+    path = Path(path)
+    a = prepare_analysis(path, samples=settings.samples, batch_size=settings.batch_size, device=device)
+    cache = ArtifactCache(Path(out) / "cache", version=CACHE_VERSION)
+    digest = file_digest(path)
+    core_key, surf_key = _keys(settings)
+    cache.get_or_compute("core", (digest, core_key), lambda: _core_metrics(a, settings, _test_batches(a, settings, device)))
+    if surface and settings.surface != "none":
+        cache.get_or_compute("surface", (digest, surf_key), lambda: surface_for(a, settings, device))
+
+
+def _entry(path: Path, digest: str, a: Analysis, group: str, label: str) -> dict[str, Any]:
+    cfg = a.checkpoint.config
+    metrics = _run_metrics(path)
+    seed = cfg.get("seed")
+    return {
+        "path": str(path), "label": label, "group": group, "method": cfg.get("method"),
+        "seed": seed if isinstance(seed, int) else 0, "config": cfg, "sha256": digest,
+        "cost": run_cost(cfg, metrics), "training_curve": metrics, "curvature_track": _curvature_track(path),
+    }
+
+
+def compare(
+    checkpoints: list[str | Path],
+    out: str | Path,
+    settings: CompareSettings | None = None,
+    *,
+    labels: list[str] | None = None,
+    device: torch.device | str = "cpu",
+    force: bool = False,
+    quiet: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> CompareResult:
+    """Compute everything for each checkpoint and write ``report.{html,md,json}`` in ``out``.
+
+    An existing report in ``out`` is replaced only with ``force``; the cache
+    in ``out/cache`` is always reused. Everything is validated (settings,
+    checkpoints, one dataset and architecture, distinct files, a writable
+    ``out``) before anything is computed or written.
+
+    Args:
+        labels: group name per checkpoint (default: its training method);
+            checkpoints of one group are seeds of one method.
+        log: called with one plain line per stage (the CLI prints it).
+
+    Raises:
+        FlatnessError: bad settings, unreadable or duplicate checkpoints,
+            checkpoints on different datasets, an unwritable ``out``, or an
+            existing report without ``force``.
+    """
+    from flatness.progress import progress
+    from flatness.report.figures import make_figures
+    from flatness.report.render import write_reports
+    from flatness.report.surfaces import surface_for
+
+    s = settings or CompareSettings()
+    s.validate()
+    if not checkpoints:
+        raise FlatnessError("compare needs at least one checkpoint")
+    if labels is not None and len(labels) != len(checkpoints):
+        raise FlatnessError(f"{len(labels)} labels for {len(checkpoints)} checkpoints")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FlatnessError(f"--out {out} exists and is not a folder")
+    if (out / "report.json").exists() and not force:
+        raise FlatnessError(f"{out} already holds a report; pass --force to replace it (the cache is kept)")
+    _check_writable(out)
+    t0 = time.perf_counter()
+    paths = [Path(p) for p in checkpoints]
+    analyses = [prepare_analysis(p, samples=s.samples, batch_size=s.batch_size, device=device) for p in paths]
+    _check_inputs(paths, analyses)
+    digests = [file_digest(p) for p in paths]
+    _check_distinct(paths, digests)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FlatnessError(f"cannot create report folder {out}: {e.strerror}") from None
     cache = ArtifactCache(out / "cache", version=CACHE_VERSION)
-    digests = [file_digest(p) for p in paths]
-    sd = s.to_dict()
-    from flatness.data import analysis_batches, load_dataset
-
     first = analyses[0]
-    ds = load_dataset(first.dataset, first.checkpoint.config.get("data_dir"), augment=False)
-    test_batches = analysis_batches(ds.test, batch_size=s.batch_size, device=device)
-
-    core_keys = {k: sd[k] for k in ("samples", "top_k", "tol", "trace_matvecs", "radii", "draws", "rho", "seed")}
+    test_batches = _test_batches(first, s, device)
+    core_key, surf_key = _keys(s)
+    interp_key = json.dumps({"samples": s.samples, "points": s.interp_points}, sort_keys=True)
     entries: list[dict[str, Any]] = []
     taken: set[str] = set()
-    for path, digest, a in progress(list(zip(paths, digests, analyses)), quiet=quiet, desc="checkpoints"):
-        core = cache.get_or_compute("core", (digest, json.dumps(core_keys, sort_keys=True)), lambda a=a: _core_metrics(a, s, test_batches))
-        entry = {
-            "path": str(path),
-            "label": _label(path, a.checkpoint.config, taken),
-            "method": a.checkpoint.config.get("method"),
-            "config": a.checkpoint.config,
-            "sha256": digest,
-            **core,
-        }
-        if s.density:
-            entry["density"] = cache.get_or_compute("density", (digest, str(s.samples), str(s.seed)), lambda a=a: _density(a, s))
-        interp_keys = json.dumps({"samples": s.samples, "points": s.interp_points}, sort_keys=True)
-        entry["interpolation"] = cache.get_or_compute("interp", (digests[0], digest, interp_keys), lambda a=a: _interpolation(first, a, s))
-        if s.surface != "none":
-            from flatness.report.surfaces import surface_for
-
-            surf_keys = json.dumps({k: sd[k] for k in ("samples", "surface", "surface_points", "surface_range", "seed")}, sort_keys=True)
-            entry["surface"] = cache.get_or_compute("surface", (digest, surf_keys), lambda a=a: surface_for(a, s, device))
-        entry["training_curve"] = _run_metrics(path)
+    groups_seen: set[str] = set()
+    names = labels if labels is not None else [a.checkpoint.config.get("method") or "model" for a in analyses]
+    for i, (path, digest, a) in enumerate(progress(list(zip(paths, digests, analyses)), quiet=quiet, desc="checkpoints")):
+        group = names[i]
+        seed = a.checkpoint.config.get("seed")
+        label = _label(path, {"method": f"{group} s{seed}" if names.count(group) > 1 else group}, taken)
+        entry = _entry(path, digest, a, group, label)
+        entry.update(cache.get_or_compute("core", (digest, core_key), lambda a=a: _core_metrics(a, s, test_batches)))
+        entry["interpolation"] = cache.get_or_compute("interp", (digests[0], digest, interp_key), lambda a=a: _interpolation(first, a, s))
+        if s.surface != "none" and (s.surfaces_for == "all" or group not in groups_seen):
+            entry["surface"] = cache.get_or_compute("surface", (digest, surf_key), lambda a=a: surface_for(a, s, device))
+        groups_seen.add(group)
         entries.append(entry)
+        if log is not None:
+            log(f"measured {label} ({time.perf_counter() - t0:.1f}s)")
 
     figures = make_figures(entries, s, out)
     result = CompareResult(out, entries, cache.computed, cache.reused, time.perf_counter() - t0)
     write_reports(result, s, figures, dataset=first.dataset, version=__version__)
     return result
-

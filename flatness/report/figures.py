@@ -25,17 +25,32 @@ def _save(fig: Any, out: Path, name: str) -> Path:
     return path
 
 
+def _groups(entries: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for e in entries:
+        out.setdefault(e.get("group", e["label"]), []).append(e)
+    return out
+
+
 def sharpness_figure(entries: list[dict], out: Path) -> Path:
+    """Mean loss increase against radius, log-log so every radius is readable (one line per method, mean over seeds)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for e in entries:
-        sh = e["sharpness"]
-        ax.errorbar(sh["radii"], sh["loss_increase"], yerr=sh.get("stderr"), marker="o", ms=3, capsize=2, label=e["label"])
-    ax.set_xlabel(r"relative radius $\sigma$ (filter-wise Gaussian noise)")
+    for g, es in _groups(entries).items():
+        radii = np.asarray(es[0]["sharpness"]["radii"], dtype=float)
+        inc = np.mean([e["sharpness"]["loss_increase"] for e in es], axis=0)
+        keep = (radii > 0) & (inc > 0)
+        spread = np.std([e["sharpness"]["loss_increase"] for e in es], axis=0, ddof=1) if len(es) > 1 else None
+        yerr = spread[keep] if spread is not None else np.asarray(es[0]["sharpness"]["stderr"])[keep]
+        ax.errorbar(radii[keep], inc[keep], yerr=np.minimum(yerr, inc[keep] * 0.999), marker="o", ms=3, capsize=2,
+                    label=f"{g} (n={len(es)})" if len(es) > 1 else g)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(r"relative radius $\sigma$ (noise std = $\sigma\,\|$filter$\|$)")
     ax.set_ylabel(r"mean loss increase $E[L(w+\epsilon)] - L(w)$")
-    ax.set_title("Random-perturbation sharpness")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ax.set_title("Random-perturbation sharpness (log-log; radius 0 omitted)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     return _save(fig, out, "sharpness.png")
 
 
@@ -45,12 +60,17 @@ def interpolation_figure(entries: list[dict], out: Path) -> Path:
     for e in entries[1:]:
         it = e["interpolation"]
         ax.plot(it["alpha"], it["loss"], label=f"{entries[0]['label']} -> {e['label']}")
+    ax.axvline(0.0, color="k", ls="--", lw=0.8)
+    ax.axvline(1.0, color="k", ls=":", lw=0.8)
     ax.set_yscale("log")
-    ax.set_xlabel(r"$\alpha$  ($w = (1-\alpha) w_0 + \alpha w_1$)")
-    ax.set_ylabel("train loss")
-    ax.set_title("Linear interpolation from the first checkpoint")
+    ax.set_xlabel(r"$\alpha$  ($w = (1-\alpha) w_0 + \alpha w_1$; dashed: $\alpha=0$, dotted: $\alpha=1$)")
+    ax.set_ylabel("loss on the analysis samples (eval mode)")
+    ax.set_title("Linear interpolation from the first checkpoint", fontsize=10)
+    ax.text(0.01, 0.01, "the minimum may sit off alpha = 0 or 1: this is the loss on an analysis subset\n"
+            "in eval mode, not the training objective (augmentation, batch statistics, weight decay)",
+            transform=ax.transAxes, fontsize=6.5, va="bottom", color="0.3")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     return _save(fig, out, "interpolation.png")
 
 
@@ -103,26 +123,84 @@ def surface_figure(entries: list[dict], out: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend()
         return _save(fig, out, "surfaces.png")
+    return _surface_panels(plt, have, out)
+
+
+def _surface_panels(plt: Any, have: list[dict], out: Path) -> Path:
+    """2D surfaces, one panel each, one shared colour scale (log10 loss) and one colour bar."""
     n = len(have)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols + 1.2, 3.7 * rows), squeeze=False, constrained_layout=True)
     logs = [np.log10(np.maximum(np.asarray(e["surface"]["loss"]), 1e-8)) for e in have]
     vmin = min(float(v.min()) for v in logs)
     vmax = max(float(v.max()) for v in logs)
     levels = np.linspace(vmin, vmax, 25)
     mappable = None
-    for ax, e, z in zip(axes.flat, have, logs):
+    for i, (ax, e, z) in enumerate(zip(axes.flat, have, logs)):
         sf = e["surface"]
         X, Y = np.meshgrid(sf["x"], sf["y"], indexing="ij")
         mappable = ax.contourf(X, Y, z, levels=levels, cmap="viridis")
         ax.contour(X, Y, z, levels=levels[::3], colors="white", linewidths=0.5)
-        ax.set_title(e["label"])
+        ax.plot([0], [0], marker="+", color="red", ms=8)
+        ax.set_title(e["label"], fontsize=10)
         ax.set_aspect("equal")
+        ax.set_xlabel(r"direction 1 ($\delta$, filter-normalized)", fontsize=8)
+        if i % cols == 0:
+            ax.set_ylabel(r"direction 2 ($\eta$)", fontsize=8)
+        ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.colorbar(mappable, ax=axes.ravel().tolist(), label=r"$\log_{10}$ train loss (shared scale)")
+    cbar = fig.colorbar(mappable, ax=axes.ravel().tolist(), shrink=0.9)
+    cbar.set_label(r"$\log_{10}$ loss (shared scale)", fontsize=8)
+    cbar.set_ticks(np.linspace(vmin, vmax, 6))
+    cbar.ax.set_yticklabels([f"{t:.2f}" for t in np.linspace(vmin, vmax, 6)], fontsize=7)
     return _save(fig, out, "surfaces.png")
+
+
+def curvature_track_figure(entries: list[dict], out: Path) -> Path | None:
+    """lambda_max against updates for every run with curvature.jsonl; 2/lr where the stability threshold applies (SGD)."""
+    have = [e for e in entries if e.get("curvature_track")]
+    if not have:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for e in have:
+        rows = [r for r in e["curvature_track"] if r.get("lambda_max") is not None]
+        ax.plot([r["step"] for r in rows], [r["lambda_max"] for r in rows], label=e["label"])
+    lrs = sorted({(e.get("config") or {}).get("lr") for e in have if (e.get("config") or {}).get("method") == "sgd"} - {None})
+    for lr in lrs:
+        ax.axhline(2.0 / lr, color="k", ls="--", lw=0.8, label=f"2/lr = {2.0 / lr:.3g} (SGD stability threshold)")
+    ax.set_yscale("log")
+    ax.set_xlabel("updates")
+    ax.set_ylabel(r"$\lambda_{max}$ (analysis batch)")
+    ax.set_title("Curvature during training", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return _save(fig, out, "curvature_training.png")
+
+
+def generalization_figure(entries: list[dict], out: Path) -> Path | None:
+    """Each flatness measure against test accuracy across checkpoints, with Kendall's tau (Jiang et al. 2020)."""
+    from flatness.report.stats import MEASURES, entry_values, kendall
+
+    taus = kendall(entries)
+    if not taus:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(taus), figsize=(3.3 * len(taus), 3.2), squeeze=False, constrained_layout=True)
+    vals = [entry_values(e) for e in entries]
+    for ax, (key, t) in zip(axes.flat, taus.items()):
+        for g in dict.fromkeys(e.get("group", e["label"]) for e in entries):
+            pts = [(v[key], v["test_acc"]) for v, e in zip(vals, entries) if e.get("group", e["label"]) == g
+                   and v[key] is not None and v["test_acc"] is not None]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, label=g)
+        ax.set_xlabel(MEASURES[key][0], fontsize=8)
+        ax.set_title(rf"Kendall $\tau$ = {t['tau']:+.2f} (n={t['n']})", fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes.flat[0].set_ylabel("test accuracy (%)", fontsize=8)
+    axes.flat[0].legend(fontsize=6)
+    return _save(fig, out, "generalization.png")
 
 
 def training_figure(entries: list[dict], out: Path) -> Path | None:
@@ -156,5 +234,7 @@ def make_figures(entries: list[dict], settings: Any, out: Path) -> dict[str, Pat
         "Interpolation": interpolation_figure(entries, out) if len(entries) > 1 else None,
         "Spectral density": density_figure(entries, out),
         "Training curves": training_figure(entries, out),
+        "Curvature during training": curvature_track_figure(entries, out),
+        "Flatness vs test accuracy": generalization_figure(entries, out) if len(entries) >= 3 else None,
     }
     return {k: v for k, v in figs.items() if v is not None}

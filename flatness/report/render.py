@@ -5,10 +5,30 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from flatness.atomic import atomic_write_text
+from flatness.errors import FlatnessError
+from flatness.report.stats import MEASURES, conclusion, group_stats, kendall
+
+# What each measure responds to, printed under the table so that disagreeing measures can be read.
+MEASURE_NOTES = [
+    "lambda_max and trace: curvature of the mean loss on the analysis samples, in eval mode (BatchNorm uses its "
+    "running statistics), at the checkpoint's own scale: a network whose filters have small norms looks sharp "
+    "even if it is only rescaled (Dinh et al. 2017); lambda_max also falls with training length, so compare "
+    "methods at equal updates.",
+    "Random-perturbation sharpness: mean loss increase under filter-wise Gaussian noise of std sigma x ||filter||, "
+    "so the radius is relative to each filter's norm (scale-invariant), averaged over a few draws; it sees the "
+    "whole spectrum (about sigma^2/2 x sum of curvature weighted by squared filter norms), not only the top "
+    "direction, and can disagree with lambda_max.",
+    "Adversarial sharpness: loss increase after one normalized gradient step of absolute length rho (not "
+    "relative to weight norms), in eval mode; near a minimum with a small gradient it depends on the direction "
+    "the gradient happens to point to.",
+    "All measures use the same training samples in eval mode; train loss in training mode (augmentation, "
+    "batch statistics) differs.",
+]
 
 # (column title, entry key, format)
 COLUMNS = [
@@ -70,68 +90,147 @@ def _fmt(fmt: str, value: Any) -> str:
         return str(value)
 
 
+def json_safe(x: Any) -> Any:
+    """``x`` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
 def report_json(result: Any, settings: Any, dataset: str, version: str) -> dict[str, Any]:
-    keep = ("path", "label", "method", "config", "sha256", "train_loss", "train_acc", "test_loss", "test_acc",
-            "top_eigenvalues", "eigen_residuals", "eigen_converged", "trace", "trace_stderr", "hvp_count",
-            "sharpness", "adversarial_sharpness", "adversarial_rho", "interpolation", "surface", "density")
-    return {
+    keep = ("path", "label", "group", "seed", "method", "config", "sha256", "cost", "train_loss", "train_acc",
+            "test_loss", "test_acc", "top_eigenvalues", "eigen_residuals", "eigen_converged", "trace", "trace_stderr",
+            "hvp_count", "bn_mode", "sharpness", "adversarial_sharpness", "adversarial_rho", "interpolation", "surface",
+            "density", "curvature_track")
+    stats = group_stats(result.entries)
+    return json_safe({
         "version": version,
         "dataset": dataset,
         "settings": settings.to_dict(),
+        "methods": stats,
+        "conclusion": conclusion(stats),
+        "kendall_tau": kendall(result.entries) if len(result.entries) >= 3 else {},
+        "measure_notes": MEASURE_NOTES,
         "checkpoints": [{k: e.get(k) for k in keep if k in e} for e in result.entries],
         "computed": result.computed,
         "reused": result.reused,
         "seconds": result.seconds,
-    }
+    })
+
+
+def _pm(cell: dict[str, Any] | None, digits: int = 3) -> str:
+    if not cell or cell.get("mean") is None:
+        return "-"
+    sd = cell.get("sd")
+    return f"{cell['mean']:.{digits}g}" + (f" ± {sd:.2g}" if sd is not None else "")
+
+
+def method_rows(stats: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Per-method table: seeds, cost next to the results (mean ± sd over seeds)."""
+    head = ["method", "seeds", "updates", "grad evals", "train s"] + [MEASURES[k][0] for k in MEASURES]
+    rows = []
+    for g, r in stats.items():
+        cost = [_fmt("{:.0f}", r.get("updates")), _fmt("{:.0f}", r.get("grad_evals")), _fmt("{:.1f}", r.get("train_seconds"))]
+        rows.append([g, str(r["seeds"]), *cost, *(_pm(r[k], 4 if k == "test_acc" else 3) for k in MEASURES)])
+    return head, rows
+
+
+def paired_rows(stats: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    head = ["method", "vs", "measure", "mean diff", "95% CI", "wins", "verdict"]
+    rows = []
+    for g, r in stats.items():
+        for base, diffs in r.get("paired", {}).items():
+            for k, p in diffs.items():
+                if p is None or k not in ("test_acc", "test_loss", "lambda_max", "trace", "sharpness_max"):
+                    continue
+                verdict = "within noise" if p["within_noise"] else "interval excludes 0"
+                rows.append([g, base, MEASURES[k][0], f"{p['mean']:+.3g}", f"[{p['ci95'][0]:+.3g}, {p['ci95'][1]:+.3g}]",
+                             f"{p['wins']}/{p['n']}", verdict])
+    return head, rows
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows), ""]
+
+
+def _html_table(head: list[str], rows: list[list[str]]) -> str:
+    h = "".join(f"<th>{html.escape(c)}</th>" for c in head)
+    b = "".join("<tr>" + "".join(f'<td data-v="{html.escape(c)}">{html.escape(c)}</td>' for c in r) + "</tr>" for r in rows)
+    return f'<table class="sortable"><thead><tr>{h}</tr></thead><tbody>{b}</tbody></table>'
 
 
 def _budget_text(entries: list[dict[str, Any]]) -> str:
-    """One line per checkpoint trained here: epochs x gradient evaluations per batch."""
-    from flatness.training.config import TrainConfig
-    from flatness.training.methods import grad_evals_per_batch
-
+    """One line per checkpoint trained here: epochs, parameter updates, gradient evaluations, wall time."""
     lines = []
     for e in entries:
-        cfg = e.get("config") or {}
+        cfg, cost = e.get("config") or {}, e.get("cost") or {}
         if cfg.get("method") is None or "epochs" not in cfg:
             continue
-        try:
-            evals = grad_evals_per_batch(TrainConfig.from_dict(cfg))
-        except Exception:  # noqa: BLE001 - a config we cannot read just has no budget line
-            continue
-        scheme = f", {cfg['mix_batches']} batches" if cfg["method"] in ("m-rwp", "m-arwp") else ""
-        lines.append(
-            f"{e['label']}: {cfg['epochs']} epochs x {evals} gradient evaluation(s) per batch{scheme} "
-            f"= {cfg['epochs'] * evals} epoch-equivalents"
-        )
+        scheme = f", {cfg.get('mix_batches')} batches" if cfg["method"] in ("m-rwp", "m-arwp") else ""
+        parts = [f"{e['label']}: --epochs {cfg['epochs']}{scheme}"]
+        for key, name in (("updates", "updates"), ("grad_evals", "gradient evaluations")):
+            if cost.get(key) is not None:
+                parts.append(f"{cost[key]} {name}")
+        if cost.get("train_seconds") is not None:
+            parts.append(f"{cost['train_seconds']:.1f} s training")
+        lines.append(", ".join(parts))
     return "\n".join(lines)
+
+
+def _sections(result: Any) -> list[tuple[str, list[str], list[list[str]] | None, list[str]]]:
+    """(title, table head, table rows, paragraphs) of the seed-statistics sections, shared by Markdown and HTML."""
+    stats = group_stats(result.entries)
+    out = []
+    if any(r["seeds"] > 1 for r in stats.values()) or len(stats) < len(result.entries):
+        head, rows = method_rows(stats)
+        out.append(("Methods (mean ± sd over seeds)", head, rows, []))
+        head, rows = paired_rows(stats)
+        if rows:
+            out.append(("Paired differences (A - B over the same seeds, 95% t-interval)", head, rows, []))
+        out.append(("Conclusion (generated from the numbers above)", [], None, conclusion(stats)))
+    taus = kendall(result.entries) if len(result.entries) >= 3 else {}
+    if taus:
+        rows = [[MEASURES[k][0], _fmt("{:+.3f}", v["tau"]), _fmt("{:.3g}", v["p_value"]), str(v["n"])] for k, v in taus.items()]
+        out.append(("Flatness vs test accuracy (Kendall tau across checkpoints)", ["measure", "tau", "p-value", "n"], rows,
+                    ["Negative tau: flatter (smaller measure) goes with higher test accuracy (Jiang et al. 2020)."]))
+    out.append(("What each measure is sensitive to", [], None, MEASURE_NOTES))
+    return out
 
 
 def write_reports(result: Any, settings: Any, figures: dict[str, Path], *, dataset: str, version: str) -> None:
     out: Path = result.out
     data = report_json(result, settings, dataset, version)
-    atomic_write_text(out / "report.json", json.dumps(data, indent=2) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(data, indent=2, allow_nan=False) + "\n")
     rows = [_row_values(e) for e in result.entries]
     budget = _budget_text(result.entries)
     settings_text = json.dumps(settings.to_dict(), indent=2)
+    sections = _sections(result)
 
     # Markdown
     md = ["# flatness comparison report\n", f"Dataset: {dataset}. flatness {version}. {len(rows)} checkpoint(s).\n"]
-    md.append("| " + " | ".join(c[0] for c in COLUMNS) + " |")
-    md.append("|" + "---|" * len(COLUMNS))
-    for r in rows:
-        md.append("| " + " | ".join(_fmt(f, r.get(k)) for _, k, f in COLUMNS) + " |")
-    md.append("")
+    md += _md_table([c[0] for c in COLUMNS], [[_fmt(f, r.get(k)) for _, k, f in COLUMNS] for r in rows])
     for e in result.entries:
         md.append(f"- **{e['label']}**: `{e['path']}` (top eigenvalues: {', '.join(f'{v:.4g}' for v in e['top_eigenvalues'])})")
+    for title, head, trows, paras in sections:
+        md += ["", f"## {title}", ""]
+        md += _md_table(head, trows) if trows is not None else []
+        md += [f"- {p}" for p in paras]
     if budget:
         md += ["", "## Budget", "", "```", budget, "```"]
     for title, path in figures.items():
         md += ["", f"## {title}", "", f"![{title}]({path.name})"]
     md += ["", "## Settings", "", "```json", settings_text, "```", ""]
     atomic_write_text(out / "report.md", "\n".join(md))
+    atomic_write_text(out / "report.html", _html_page(result, rows, sections, budget, figures, settings_text, dataset, version))
 
-    # HTML, one file: figures as data URIs, no external URLs.
+
+def _html_page(result: Any, rows: list[dict[str, Any]], sections: list, budget: str, figures: dict[str, Path],
+               settings_text: str, dataset: str, version: str) -> str:
+    """One self-contained page: figures as data URIs, no external URLs."""
     head = "".join(f"<th>{html.escape(c[0])}</th>" for c in COLUMNS)
     body = []
     for r in rows:
@@ -141,23 +240,29 @@ def write_reports(result: Any, settings: Any, figures: dict[str, Path], *, datas
             sort_v = v if isinstance(v, (int, float)) else str(v)
             cells.append(f'<td data-v="{html.escape(str(sort_v))}">{html.escape(_fmt(f, v))}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
+    extra = []
+    for title, thead, trows, paras in sections:
+        extra.append(f"<h2>{html.escape(title)}</h2>")
+        if trows is not None:
+            extra.append(_html_table(thead, trows))
+        extra += [f"<p>{html.escape(p)}</p>" for p in paras]
     figs = []
     for title, path in figures.items():
         b64 = base64.b64encode(path.read_bytes()).decode()
         figs.append(f"<h2>{html.escape(title)}</h2><img alt=\"{html.escape(title)}\" src=\"data:image/png;base64,{b64}\">")
     paths = "".join(f"<li><b>{html.escape(e['label'])}</b>: <code>{html.escape(e['path'])}</code></li>" for e in result.entries)
     budget_html = f"<h2>Budget</h2><pre>{html.escape(budget)}</pre>" if budget else ""
-    page = f"""<!DOCTYPE html>
+    return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>flatness report</title><style>{CSS}</style></head>
 <body>
 <h1>flatness comparison report</h1>
 <p class="muted">Dataset {html.escape(dataset)} &middot; flatness {html.escape(version)} &middot; {len(rows)} checkpoint(s) &middot; click a column to sort</p>
 <table class="sortable" id="summary"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
 <ul>{paths}</ul>
+{''.join(extra)}
 {budget_html}
 {''.join(figs)}
 <h2>Settings</h2><pre>{html.escape(settings_text)}</pre>
 <script>{SORT_JS}</script>
 </body></html>
 """
-    atomic_write_text(out / "report.html", page)

@@ -13,7 +13,7 @@ Two layers:
 
 Example:
     >>> import torch
-    >>> from torch import nn
+    >>> from torch import Tensor, nn
     >>> from flatness.curvature import top_eigenvalues
     >>> _ = torch.manual_seed(0)
     >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -25,7 +25,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -73,6 +73,8 @@ def top_eigenvalues(
     dtype: torch.dtype | None = None,
     backend: str = "graph",
     seed: int = 0,
+    init: Sequence[Tensor] | Tensor | None = None,
+    return_vectors: bool = False,
 ) -> EigenResult:
     """The ``k`` largest Hessian eigenvalues of the mean loss over ``batches``.
 
@@ -92,13 +94,22 @@ def top_eigenvalues(
         dtype: ``torch.float32`` or ``torch.float64`` (default: the model's).
         backend: HVP backend (see :class:`HessianOperator`).
         seed: seed of the Lanczos start vector.
+        init: warm start: flat vectors over the operator's parameters (e.g.
+            ``.eigenvectors`` of an earlier call); their sum of unit vectors
+            starts the Lanczos basis (a few products when they are close).
+        return_vectors: keep the eigenvectors.
 
     Returns:
         :class:`EigenResult` with ``.eigenvalues`` (descending),
-        ``.residuals``, ``.converged``, ``.hvp_count``, ``.eigenvectors``.
+        ``.residuals``, ``.error_bounds``, ``.converged``, ``.hvp_count``;
+        ``.eigenvectors`` is a list of ``k`` flat tensors in
+        ``model.parameters()`` order over the parameters used (with
+        ``return_vectors``), else ``None``.
     """
     H = HessianOperator(model, loss_fn, batches, params, dtype=dtype, backend=backend)
-    return lanczos_top_eigs(H, k, tol, max_iter, ncv=ncv, seed=seed)
+    result = lanczos_top_eigs(H, k, tol, max_iter, ncv=ncv, seed=seed, v0=init)
+    result.eigenvectors = list(result.eigenvectors.T) if return_vectors else None
+    return result
 
 
 def smallest_eigenvalue(

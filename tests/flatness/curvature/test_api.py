@@ -59,3 +59,16 @@ def test_unknown_trace_method() -> None:
     p = problem("cnn1d")
     with pytest.raises(ValueError, match="Unknown method 'exact'; expected one of 'hutch\\+\\+', 'hutchinson'"):
         hessian_trace(p.model, LOSS, p.batches, method="exact")
+
+
+def test_warm_start_and_vectors() -> None:
+    """``return_vectors`` gives k flat unit eigenvectors; ``init`` from them converges in a few products."""
+    p = problem("mlp")
+    r = top_eigenvalues(p.model, LOSS, p.batches, k=2, tol=1e-10, dtype=torch.float64, return_vectors=True)
+    assert isinstance(r.eigenvectors, list) and len(r.eigenvectors) == 2
+    for value, vec in zip(r.eigenvalues, r.eigenvectors):
+        assert vec.shape == (p.dense.shape[0],)
+        assert torch.allclose(p.dense @ vec, value * vec, atol=1e-6)
+    warm = top_eigenvalues(p.model, LOSS, p.batches, k=2, tol=1e-10, dtype=torch.float64, init=r.eigenvectors)
+    assert warm.eigenvectors is None and warm.hvp_count < r.hvp_count
+    assert torch.allclose(warm.eigenvalues, r.eigenvalues, rtol=1e-9)

@@ -1,39 +1,76 @@
 """What every analysis command starts from: a checkpoint, fixed batches and a loss.
 
-``prepare_analysis`` loads the checkpoint, finds its dataset (from the
-checkpoint's config unless overridden), and returns the first ``samples`` of
-the chosen split as device-resident batches, in dataset order and without
-augmentation, plus a mean-reduced cross-entropy loss.
+``prepare_analysis`` loads the checkpoint (a ``.pt`` file or a run directory),
+rebuilds its model (a registry name or the user's ``module:fn``, as recorded
+in the checkpoint or given with ``--model``), finds its data (the checkpoint's
+unless overridden; registry name or the user's ``module:fn``) and its loss
+(the checkpoint's unless overridden; ``cross_entropy``, ``mse`` or the user's
+``loss(model, batch)``), and returns the first ``samples`` of the chosen split
+as device-resident batches, in dataset order and without augmentation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from flatness.checkpoint import Checkpoint, load_checkpoint
-from flatness.data import analysis_batches, load_dataset
+from flatness.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint_path
+from flatness.data import Dataset, analysis_batches, load_dataset
+from flatness.data.base import Batch, map_batch
 from flatness.errors import FlatnessError
+from flatness.losses import LossFn, ModelLoss, loss_name, resolve_loss
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+# Exceptions a user's model, data or loss raises when they do not fit together
+# (shape and dtype mismatches, missing keys); turned into one line naming the pieces.
+MISFIT_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, KeyError)
 
 
 @dataclass
 class Analysis:
+    """A loaded checkpoint with the fixed batches and the loss every measure uses.
+
+    Attributes:
+        loss_fn: ``loss_fn(output, target)`` or a :class:`flatness.losses.ModelLoss`.
+        dataset: the data spec (registry name or ``module:fn``).
+        loss: the loss spec (``cross_entropy``, ``mse`` or ``module:fn``).
+        run_dir: the run directory when the checkpoint was given as one.
+        data: the whole dataset (both splits, as tensors), e.g. for test batches.
+    """
+
     checkpoint: Checkpoint
-    batches: list[tuple[Tensor, Tensor]]
+    batches: list[Batch]
     loss_fn: LossFn
     dataset: str
     split: str
     samples: int
+    loss: str = "cross_entropy"
+    run_dir: Path | None = None
+    data: Dataset | None = None
 
     @property
     def model(self) -> nn.Module:
         return self.checkpoint.model
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where the model, data and loss come from when they are not the checkpoint's own.
+
+    Every field None means "as recorded in the checkpoint". ``model`` and
+    ``data`` are registry names or callable specs (``module:fn`` /
+    ``file.py:fn``); ``loss`` is ``cross_entropy``, ``mse`` or a callable spec.
+    """
+
+    model: str | None = None
+    model_kwargs: dict[str, Any] | None = None
+    data: str | None = None
+    data_kwargs: dict[str, Any] | None = None
+    data_dir: str | Path | None = None
+    loss: str | None = None
 
 
 def prepare_analysis(
@@ -46,28 +83,87 @@ def prepare_analysis(
     samples: int | None = None,
     batch_size: int = 1000,
     device: torch.device | str = "cpu",
+    loss: str | None = None,
+    sources: Sources | None = None,
 ) -> Analysis:
-    """Load ``path`` and the fixed analysis batches for it.
+    """Load ``path`` and the fixed analysis batches and loss for it.
+
+    Args:
+        path: a checkpoint file, or a run directory (its ``final.pt``, else
+            ``checkpoints/last.pt``).
+        model, data, data_dir, loss: shorthands for the fields of ``sources``
+            (ignored when ``sources`` is given).
+        split: ``train`` or ``test``.
+        samples: the first N samples of the split (all when None).
+        batch_size: samples per batch (memory only).
+        device: where the model and batches live.
+        sources: model/data/loss overrides, see :class:`Sources`.
 
     Raises:
-        FlatnessError: bad checkpoint, unknown dataset, or a dataset that
-            does not fit the model.
+        FlatnessError: bad checkpoint, unknown dataset or loss, user code that
+            cannot be imported, or a model, data and loss that do not fit.
     """
-    ckpt = load_checkpoint(path, model=model, device=device)
-    name = data or ckpt.dataset
+    src = sources or Sources(model=model, data=data, data_dir=data_dir, loss=loss)
+    file, run_dir = resolve_checkpoint_path(path)
+    ckpt = load_checkpoint(file, model=src.model, model_kwargs=src.model_kwargs, device=device)
+    name = src.data or ckpt.dataset
     if name is None:
-        raise FlatnessError(f"checkpoint {path} does not say which dataset it was trained on: pass --data")
-    data_dir = data_dir if data_dir is not None else ckpt.config.get("data_dir")
-    ds = load_dataset(name, data_dir, augment=False)
-    part = ds.split(split)
-    batches = analysis_batches(part, samples=samples, batch_size=batch_size, device=device)
-    x0 = batches[0][0][:1]
+        raise FlatnessError(f"checkpoint {file} does not say which dataset it was trained on: pass --data")
+    data_dir = src.data_dir if src.data_dir is not None else ckpt.config.get("data_dir")
+    kwargs = src.data_kwargs if src.data_kwargs is not None else (ckpt.config.get("data_kwargs") if src.data is None else None)
+    ds = load_dataset(name, data_dir, augment=False, kwargs=kwargs)
+    loss_fn = resolve_loss(src.loss or ckpt.loss)
+    batches = analysis_batches(ds.split(split), samples=samples, batch_size=batch_size, device=device)
+    check_fit(ckpt, ds, loss_fn, batches[0])
+    n = len(ds.split(split)) if samples is None else samples
+    return Analysis(ckpt, batches, loss_fn, name, split, n, loss_name(loss_fn), run_dir, ds)
+
+
+def check_fit(ckpt: Checkpoint, ds: Dataset, loss_fn: LossFn, batch: Batch) -> None:
+    """One forward pass on two samples: the model, data and loss must fit together.
+
+    Raises:
+        FlatnessError: naming the model, the data and what did not fit.
+    """
+    small = _head(batch, 2)
+    what = f"model {ckpt.model_name!r} of {ckpt.path}"
+    if isinstance(loss_fn, ModelLoss):
+        try:
+            with torch.no_grad():
+                value = loss_fn(ckpt.model, small)
+        except MISFIT_ERRORS as e:
+            raise FlatnessError(f"loss {loss_fn.name!r} fails on {what} with {ds.name} data: {_first_line(e)}") from None
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise FlatnessError(f"loss {loss_fn.name!r} must return a scalar tensor (the mean over the batch), got {_describe(value)}")
+        return
+    if not (isinstance(small, tuple) and len(small) == 2):
+        raise FlatnessError(
+            f"{ds.name} yields batches of {_describe(small)}, not (inputs, targets) pairs: pass --loss module:fn taking (model, batch)"
+        )
     try:
         with torch.no_grad():
-            out = ckpt.model(x0)
-    except RuntimeError as e:
-        raise FlatnessError(f"model {ckpt.model_name!r} of {path} does not take {name} inputs: {str(e).splitlines()[0]}") from None
-    if out.shape[-1] != ds.num_classes:
-        raise FlatnessError(f"model of {path} has {out.shape[-1]} outputs, but {name} has {ds.num_classes} classes")
-    n = sum(int(b[1].shape[0]) for b in batches)
-    return Analysis(ckpt, batches, nn.functional.cross_entropy, name, split, n)
+            out = ckpt.model(small[0])
+            loss_fn(out, small[1])
+    except MISFIT_ERRORS as e:
+        raise FlatnessError(f"{what} does not fit {ds.name} data and loss {loss_name(loss_fn)!r}: {_first_line(e)}") from None
+    if ds.num_classes is not None and loss_fn is nn.functional.cross_entropy and out.shape[-1] < ds.num_classes:
+        raise FlatnessError(f"{what} has {out.shape[-1]} outputs, but {ds.name} has {ds.num_classes} classes")
+
+
+def _head(batch: Batch, n: int) -> Batch:
+    return map_batch(lambda t: t[:n], batch)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"a tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, dict):
+        return f"dicts with keys {', '.join(map(str, obj))}"
+    if isinstance(obj, tuple):
+        return f"tuples of {len(obj)}"
+    return type(obj).__name__

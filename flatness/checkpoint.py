@@ -25,6 +25,7 @@ from torch import nn
 
 from flatness.atomic import atomic_open
 from flatness.errors import FlatnessError
+from flatness.hooks import is_callable_spec
 from flatness.models import build_model
 from flatness.version import __version__
 
@@ -64,6 +65,36 @@ class Checkpoint:
     @property
     def dataset(self) -> str | None:
         return self.raw.get("dataset") or self.config.get("data")
+
+    @property
+    def loss(self) -> str | None:
+        """The loss spec the run trained with (``cross_entropy``, ``mse`` or ``module:fn``); None if unrecorded."""
+        return self.raw.get("loss") or self.config.get("loss")
+
+
+RUN_CHECKPOINTS = ("final.pt", "checkpoints/last.pt")
+
+
+def resolve_checkpoint_path(path: str | Path) -> tuple[Path, Path | None]:
+    """The checkpoint file that ``path`` names, and the run directory when it is one.
+
+    Every command takes a checkpoint file or a run directory; a run directory
+    stands for its ``final.pt``, else ``checkpoints/last.pt`` (a run that has
+    not finished).
+
+    Returns:
+        ``(file, run_dir)``; ``run_dir`` is None when ``path`` is a file.
+
+    Raises:
+        FlatnessError: a directory holding neither file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in RUN_CHECKPOINTS:
+            if (path / name).is_file():
+                return path / name, path
+        raise FlatnessError(f"run directory {path} has no {' or '.join(RUN_CHECKPOINTS)}")
+    return path, None
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
@@ -188,11 +219,14 @@ def load_checkpoint(
     """Load a checkpoint (ours, or a plain state_dict from another tool).
 
     Args:
-        path: the ``.pt`` file.
-        model: model name; required for foreign state_dicts, checked against
-            ours (a mismatch is an error).
+        path: the ``.pt`` file, or a run directory (its ``final.pt``, else
+            ``checkpoints/last.pt``; see :func:`resolve_checkpoint_path`).
+        model: registry name or callable spec (``module:fn`` /
+            ``file.py:fn``); required for foreign state_dicts, checked
+            against ours (a mismatch is an error, except that a callable spec
+            may replace the recorded one when the user's code has moved).
         model_kwargs: kwargs for a foreign state_dict's model (e.g.
-            ``{"num_classes": 100}``).
+            ``{"num_classes": 100}``); for ours they must match the recorded ones.
         device: where the model is put.
 
     Returns:
@@ -202,14 +236,11 @@ def load_checkpoint(
         >>> ckpt = load_checkpoint("runs/sgd/final.pt")  # doctest: +SKIP
         >>> ckpt.model(x)  # doctest: +SKIP
     """
-    path = Path(path)
+    path = resolve_checkpoint_path(path)[0]
     obj = read_checkpoint_file(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        name = obj.get("model")
-        if model is not None and model != name:
-            raise FlatnessError(f"checkpoint {path} holds model {name!r}, but --model is {model!r}")
-        kwargs = dict(obj.get("model_kwargs") or {})
-        net = build_model(name, **kwargs)
+        name, kwargs = _model_of(obj, path, model, model_kwargs)
+        net = _rebuild(name, kwargs, path, recorded=name == obj.get("model"))
         _load_weights(net, obj["state_dict"], name, path)
         net.to(device).eval()
         return Checkpoint(path, net, name, kwargs, dict(obj.get("config") or {}), list(obj.get("metrics") or []), obj)
@@ -217,12 +248,40 @@ def load_checkpoint(
     if model is None:
         raise FlatnessError(f"{path} is a plain state_dict from another tool: pass --model to say which network it is")
     kwargs = dict(model_kwargs or {})
-    if "num_classes" not in kwargs:
+    if "num_classes" not in kwargs and not is_callable_spec(model):
         kwargs["num_classes"] = _guess_classes(state)
     net = build_model(model, **kwargs)
     _load_weights(net, state, model, path)
     net.to(device).eval()
     return Checkpoint(path, net, model, kwargs, {"model": model, "model_kwargs": kwargs}, [], {"state_dict": state}, foreign=True)
+
+
+def _model_of(obj: dict[str, Any], path: Path, model: str | None, model_kwargs: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """The model spec and kwargs to rebuild a flatness checkpoint with.
+
+    A registry name given with ``--model`` must be the recorded one. For the
+    user's own model, ``--model module:fn`` may name where that code lives
+    now (moved or renamed); the weights must still fit it.
+    """
+    name = obj.get("model")
+    kwargs = dict(obj.get("model_kwargs") or {})
+    if model is not None and model != name:
+        if not (is_callable_spec(model) and is_callable_spec(str(name))):
+            raise FlatnessError(f"checkpoint {path} holds model {name!r}, but --model is {model!r}")
+        name = model
+    if model_kwargs and dict(model_kwargs) != kwargs:
+        raise FlatnessError(f"checkpoint {path} was built with model kwargs {kwargs}, but --model-kwargs is {dict(model_kwargs)}")
+    return str(name), kwargs
+
+
+def _rebuild(name: str, kwargs: dict[str, Any], path: Path, *, recorded: bool) -> nn.Module:
+    """``build_model``; a recorded callable spec that no longer imports says how to point at the code."""
+    try:
+        return build_model(name, **kwargs)
+    except FlatnessError as e:
+        if not (recorded and is_callable_spec(name)):
+            raise
+        raise FlatnessError(f"checkpoint {path} needs model {name!r}, which cannot be rebuilt ({e}); pass --model with where that code is now") from None
 
 
 def _guess_classes(state: dict[str, torch.Tensor]) -> int:

@@ -97,3 +97,49 @@ def require_file(path: str | Path, what: str = "file") -> Path:
     if not path.is_file():
         raise FlatnessError(f"{what} {path} is not a file")
     return path
+
+
+def json_object(text: str) -> dict:
+    """argparse type: a JSON object, e.g. ``'{"hidden": 200}'``."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"hidden\": 200}}', got {text!r} ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"hidden\": 200}}', got {text!r}")
+    return value
+
+
+SOURCES_HELP = """\
+Your own model, data and loss: --model, --data and --loss take a registry name or a callable spec,
+'package.module:name' (imported from PYTHONPATH) or 'path/to/file.py:name'. The model callable returns
+an nn.Module (called with --model-kwargs); the data callable returns (train, test) torch datasets,
+DataLoaders or (x, y) tensors (called with --data-kwargs); the loss callable is loss(model, batch) ->
+the mean loss of the batch. Checkpoints written by 'flatness train' record all three.
+"""
+
+
+def add_sources(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, default: str = "the checkpoint's") -> None:
+    """``--model``, ``--model-kwargs``, ``--data``, ``--data-kwargs``, ``--data-dir``, ``--loss`` for an analysis command.
+
+    Each defaults to ``default`` (what the checkpoint recorded); see :data:`SOURCES_HELP`.
+    """
+    own = "%(default).0s"  # the help states its own default
+    parser.add_argument("--model", default=None, metavar="NAME|MODULE:FN", help=f"registry model or callable returning an nn.Module (default: {default}; required for plain state_dicts){own}")
+    parser.add_argument("--model-kwargs", type=json_object, default=None, metavar="JSON", help=f"keyword arguments of --model (default: {default}){own}")
+    parser.add_argument("--data", default=None, metavar="NAME|MODULE:FN", help=f"dataset name or callable returning (train, test) (default: {default}){own}")
+    parser.add_argument("--data-kwargs", type=json_object, default=None, metavar="JSON", help=f"keyword arguments of a --data callable{own}")
+    parser.add_argument("--data-dir", default=None, help=f"folder with the CIFAR python-pickle batches{own}")
+    parser.add_argument("--loss", default=None, metavar="NAME|MODULE:FN", help=f"cross_entropy, mse, or a callable loss(model, batch) (default: {default}, else cross_entropy){own}")
+
+
+def sources_from_args(args: argparse.Namespace):  # noqa: ANN201 - flatness.analysis.Sources, imported lazily (torch)
+    """The :class:`flatness.analysis.Sources` the flags of :func:`add_sources` name."""
+    from flatness.analysis import Sources
+
+    return Sources(
+        model=args.model, model_kwargs=args.model_kwargs, data=args.data, data_kwargs=args.data_kwargs,
+        data_dir=args.data_dir, loss=args.loss,
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,18 +17,78 @@ DATASET_NAMES = ("mnist1d", "cifar10", "cifar100", "synthetic")
 Augment = Callable[[Tensor, torch.Generator], Tensor]
 
 
-@dataclass
-class Split:
-    """One split as two tensors: inputs ``x`` (float32) and labels ``y`` (int64)."""
+Batch = Tensor | tuple[Tensor, ...] | dict[str, Tensor]
 
-    x: Tensor
-    y: Tensor
+
+def map_batch(fn: Callable[[Tensor], Tensor], batch: Batch) -> Batch:
+    """``fn`` applied to every tensor of a batch, keeping its structure (tensor, tuple or dict)."""
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, dict):
+        return {k: fn(v) for k, v in batch.items()}
+    return tuple(fn(v) for v in batch)
+
+
+def _tensors(batch: Batch) -> list[Tensor]:
+    if isinstance(batch, Tensor):
+        return [batch]
+    return list(batch.values()) if isinstance(batch, dict) else list(batch)
+
+
+class Split:
+    """One split held as tensors that share their first (sample) dimension.
+
+    The built-in datasets hold inputs ``x`` (float32) and labels ``y``
+    (int64): ``Split(x, y)``. A user's dataset keeps the structure of its
+    samples: ``Split(tokens)`` (one tensor), ``Split(x, y, mask)`` (a tuple)
+    or ``Split(input_ids=..., labels=...)`` (a dict); :meth:`take` and
+    :func:`analysis_batches` hand batches out in that same structure, which is
+    what a ``loss(model, batch)`` receives.
+    """
+
+    def __init__(self, *tensors: Tensor, **named: Tensor) -> None:
+        if bool(tensors) == bool(named):
+            raise TypeError("Split takes either positional tensors or named tensors, and at least one")
+        self.fields: Batch = dict(named) if named else (tensors[0] if len(tensors) == 1 else tuple(tensors))
+        sizes = {int(t.shape[0]) if t.dim() else -1 for t in _tensors(self.fields)}
+        if len(sizes) != 1 or -1 in sizes:
+            raise ValueError(f"the tensors of a split must share their first dimension, got sizes {sorted(sizes)}")
+
+    @classmethod
+    def of(cls, batch: Batch) -> Split:
+        """A split holding ``batch`` (tensor, tuple/list or dict of tensors)."""
+        if isinstance(batch, Tensor):
+            return cls(batch)
+        if isinstance(batch, dict):
+            return cls(**batch)
+        return cls(*batch)
+
+    @property
+    def classic(self) -> bool:
+        """Whether this is an ``(x, y)`` pair, the form that ``loss_fn(model(x), y)`` and accuracy use."""
+        return isinstance(self.fields, tuple) and len(self.fields) == 2
+
+    @property
+    def x(self) -> Tensor:
+        """The inputs of an ``(x, y)`` split (the first tensor of any other)."""
+        return _tensors(self.fields)[0]
+
+    @property
+    def y(self) -> Tensor:
+        """The targets of an ``(x, y)`` split."""
+        if not self.classic:
+            raise TypeError("this split is not an (inputs, targets) pair; use .fields or .take()")
+        return self.fields[1]  # type: ignore[index]
 
     def __len__(self) -> int:
-        return self.y.shape[0]
+        return int(self.x.shape[0])
+
+    def take(self, index: Tensor | slice) -> Batch:
+        """The samples at ``index`` as one batch, in this split's structure."""
+        return map_batch(lambda t: t[index], self.fields)
 
     def to(self, device: torch.device | str) -> Split:
-        return Split(self.x.to(device), self.y.to(device))
+        return Split.of(map_batch(lambda t: t.to(device), self.fields))
 
     def first(self, n: int | None) -> Split:
         """The first ``n`` samples in dataset order (all when ``n`` is None)."""
@@ -37,7 +98,7 @@ class Split:
             raise FlatnessError(f"--samples must be a positive integer, got {n}")
         if n > len(self):
             raise FlatnessError(f"--samples {n} is more than the {len(self)} samples of the split")
-        return Split(self.x[:n], self.y[:n])
+        return Split.of(self.take(slice(0, n)))
 
 
 @dataclass
@@ -45,6 +106,8 @@ class Dataset:
     """A named dataset: train and test splits, class count, training augmentation.
 
     Attributes:
+        num_classes: classes of an ``(x, y)`` classification set; None when
+            the targets are not class indices (regression, language models).
         augment: ``augment(x, generator) -> x`` applied to training batches on
             the training device (None for no augmentation).
     """
@@ -52,7 +115,7 @@ class Dataset:
     name: str
     train: Split
     test: Split
-    num_classes: int
+    num_classes: int | None
     augment: Augment | None = None
     info: dict = field(default_factory=dict)
 
@@ -74,18 +137,37 @@ def load_dataset(
     *,
     cutout: int = 0,
     augment: bool = True,
+    kwargs: dict[str, Any] | None = None,
 ) -> Dataset:
-    """Load a dataset by name.
+    """Load a dataset by registry name or from the user's own callable.
 
     Args:
-        name: one of ``mnist1d``, ``cifar10``, ``cifar100``, ``synthetic``.
+        name: one of ``mnist1d``, ``cifar10``, ``cifar100``, ``synthetic``, or
+            a callable spec ``package.module:fn`` / ``path/file.py:fn`` whose
+            ``fn(**kwargs)`` returns ``(train, test)``: torch datasets,
+            DataLoaders or iterables of batches (see :mod:`flatness.data.user`).
         data_dir: folder with the CIFAR python-pickle batches (CIFAR only).
         cutout: side of the cutout square for CIFAR training batches (0: off).
         augment: whether training batches of CIFAR get crop + flip.
+        kwargs: keyword arguments of a callable spec (none for registry names).
 
     Raises:
-        FlatnessError: unknown name, missing or malformed files.
+        FlatnessError: unknown name, missing or malformed files, a callable
+            that cannot be imported or returns something else than two datasets.
+
+    Example:
+        >>> ds = load_dataset("synthetic")
+        >>> ds.train.x.shape, ds.num_classes
+        (torch.Size([256, 40]), 10)
     """
+    from flatness.hooks import is_callable_spec
+
+    if is_callable_spec(name):
+        from flatness.data.user import load_user_dataset
+
+        return load_user_dataset(name, kwargs or {})
+    if kwargs:
+        raise FlatnessError(f"dataset {name!r} takes no keyword arguments, got {kwargs}")
     if name == "mnist1d":
         from flatness.data.mnist1d import load_mnist1d
 
@@ -100,7 +182,7 @@ def load_dataset(
         from flatness.data.synthetic import load_synthetic
 
         return load_synthetic()
-    raise FlatnessError(f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)}")
+    raise FlatnessError(f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)} or 'module:callable'")
 
 
 def analysis_batches(
@@ -109,15 +191,14 @@ def analysis_batches(
     samples: int | None = None,
     batch_size: int = 1000,
     device: torch.device | str = "cpu",
-) -> list[tuple[Tensor, Tensor]]:
+) -> list[Batch]:
     """The first ``samples`` of a split as a list of device-resident batches.
 
     No shuffling and no augmentation: every caller that asks for the same
-    ``samples`` sees exactly the same inputs, in the same order.
+    ``samples`` sees exactly the same inputs, in the same order. Batches have
+    the split's structure: ``(x, y)`` tuples for the built-in datasets.
     """
     if batch_size <= 0:
         raise FlatnessError(f"--batch-size must be a positive integer, got {batch_size}")
-    part = split.first(samples)
-    x = part.x.to(device)
-    y = part.y.to(device)
-    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(part), batch_size)]
+    part = split.first(samples).to(device)
+    return [part.take(slice(i, i + batch_size)) for i in range(0, len(part), batch_size)]

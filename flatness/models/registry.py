@@ -1,4 +1,10 @@
-"""Name -> constructor table for the built-in models."""
+"""Name -> constructor table for the built-in models, and the user's own models by callable spec.
+
+``build_model("cnn1d", in_features=40, num_classes=10)`` builds a registry
+model; ``build_model("mymod.py:build", width=8)`` imports ``build`` from the
+user's file (or ``package.module:build`` from ``sys.path``) and calls it with
+the keyword arguments; it must return an ``nn.Module``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from flatness.errors import FlatnessError
+from flatness.hooks import is_callable_spec, load_callable
 
 
 def _mlp(**kw: Any) -> nn.Module:
@@ -60,8 +67,12 @@ MODEL_NAMES = tuple(_BUILDERS)
 SEQUENCE_MODELS = ("mlp", "cnn1d")
 
 
-def default_model_kwargs(name: str, num_classes: int, input_shape: tuple[int, ...]) -> dict[str, Any]:
-    """The kwargs a model gets for a dataset when the user gives none."""
+def default_model_kwargs(name: str, num_classes: int | None, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The kwargs a model gets for a dataset when the user gives none (none for the user's own models)."""
+    if is_callable_spec(name):
+        return {}
+    if num_classes is None and name in _BUILDERS:
+        raise FlatnessError(f"model {name!r} is a classifier, but the data have no integer class labels; use your own model (--model module:callable)")
     if name in SEQUENCE_MODELS:
         if len(input_shape) != 1:
             raise FlatnessError(f"model {name!r} takes 1-D inputs, but the data have shape {input_shape}")
@@ -74,11 +85,20 @@ def default_model_kwargs(name: str, num_classes: int, input_shape: tuple[int, ..
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a model by name with keyword arguments.
+    """Build a model by registry name or callable spec, with keyword arguments.
+
+    Args:
+        name: one of :data:`MODEL_NAMES`, or ``package.module:fn`` /
+            ``path/file.py:fn`` naming a callable (a class or a function)
+            that returns an ``nn.Module``.
+        **kwargs: passed to the constructor.
 
     Raises:
-        FlatnessError: unknown name or kwargs the model does not take.
+        FlatnessError: unknown name, a callable that cannot be imported or
+            does not return an ``nn.Module``, or kwargs the model does not take.
     """
+    if is_callable_spec(name):
+        return _build_user_model(name, kwargs)
     try:
         builder = _BUILDERS[name]
     except KeyError:
@@ -87,3 +107,14 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
         return builder(**kwargs)
     except TypeError as e:
         raise FlatnessError(f"model {name!r} does not take these arguments {kwargs}: {e}") from None
+
+
+def _build_user_model(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+    fn = load_callable(spec)
+    try:
+        model = fn(**kwargs)
+    except TypeError as e:
+        raise FlatnessError(f"model {spec!r} does not take these arguments {kwargs}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise FlatnessError(f"model {spec!r} returned {type(model).__qualname__}, expected a torch.nn.Module")
+    return model

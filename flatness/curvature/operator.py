@@ -10,8 +10,26 @@ the operator applies
 
 the Hessian of the mean loss over all :math:`N` samples, exactly (not an
 average of per-batch estimates with unequal weights). The model runs in eval
-mode, so BatchNorm layers use their running statistics and the loss is a
-deterministic function of :math:`\theta` (``bn_mode = "eval"``).
+mode, so BatchNorm layers use their running statistics, dropout is off and
+the loss is a deterministic function of :math:`\theta` (``bn_mode = "eval"``).
+
+The loss is either a classic ``loss_fn(output, target)`` on batches
+``(inputs, targets)`` or a :class:`flatness.losses.ModelLoss`
+``fn(model, batch)`` on batches of any form (tuple, list, dict), weighted by
+:func:`flatness.losses.batch_size`.
+
+Which parameters: those that require grad (frozen ones are held fixed and
+excluded), each tensor once (tied weights, e.g. an embedding shared with the
+output layer, are one block of the Hessian: ``model.named_parameters()``
+lists them once and ``functional_call`` keeps them tied). A parameter the
+loss does not reach gets zero rows and columns.
+
+Attention: every loss evaluation runs under
+``torch.nn.attention.sdpa_kernel([SDPBackend.MATH])`` (restored afterwards),
+because the fused CPU/GPU kernels of ``scaled_dot_product_attention`` (used by
+``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``) have no double
+backward and no forward-mode derivative. The math kernel computes the same
+function with ordinary, twice-differentiable operations.
 
 The operator follows the curvlinops convention (Dangel et al.): it is not a
 matrix but an object with ``shape``, ``dtype``, ``device`` and ``@``
@@ -60,10 +78,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from flatness.distributed import shard_indices
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
-Batch = tuple[Any, Tensor]
+from flatness.distributed import shard_indices
+from flatness.losses import LossFn, ModelLoss, batch_size
+
+Batch = Any  # (inputs, targets) for an (output, target) loss; anything a ModelLoss reads
 
 BACKENDS = ("graph", "backward", "jvp", "linearize")
 
@@ -81,9 +101,11 @@ class HessianOperator:
 
     Args:
         model: the network; its parameters fix the device.
-        loss_fn: ``loss_fn(outputs, targets)``, mean-reduced over the batch.
-        batches: an iterable of ``(inputs, targets)`` (or one such pair);
-            moved to the model's device once.
+        loss_fn: ``loss_fn(outputs, targets)``, mean-reduced over the batch,
+            or a :class:`flatness.losses.ModelLoss`.
+        batches: an iterable of ``(inputs, targets)`` (or one such pair), or
+            of any batches a ``ModelLoss`` reads; moved to the model's device
+            once (floating tensors cast to ``dtype``).
         params: the parameters (objects or names from
             ``model.named_parameters()``) that span the operator's space;
             ``None`` for all parameters that require grad. The others are
@@ -160,10 +182,10 @@ class HessianOperator:
         self._const: dict[str, Tensor] = {k: _cast(p.detach(), self.dtype) for k, p in named.items() if k not in chosen}
         self._const.update({k: _cast(b.detach(), self.dtype) for k, b in model.named_buffers()})
 
-        all_batches = _as_batch_list(batches)
+        all_batches = _as_batch_list(batches, loss_fn)
         if not all_batches:
             raise ValueError("Expected at least one batch of (inputs, targets), got none")
-        sizes = [_batch_size(b) for b in all_batches]
+        sizes = [batch_size(b) for b in all_batches]
         group = dist.is_available() and dist.is_initialized()
         if distributed and not group:
             raise ValueError("distributed=True needs an initialized torch.distributed process group")
@@ -173,7 +195,7 @@ class HessianOperator:
         own = shard_indices(len(all_batches), rank, self.world_size) if self.distributed else range(len(all_batches))
         # Every rank holds all batches here, so the global total needs no collective.
         self.num_samples = sum(sizes)
-        self._batches = [(_cast(all_batches[j][0].to(self.device), self.dtype), all_batches[j][1].to(self.device)) for j in own]
+        self._batches = [_to_device(all_batches[j], self.device, self.dtype) for j in own]
         self._weights = [sizes[j] / self.num_samples for j in own]
 
         self._graph_memory = graph_memory
@@ -238,8 +260,8 @@ class HessianOperator:
         loss_total = torch.zeros((), dtype=self.dtype, device=self.device)
         grad_total = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
         with _eval_mode(self.model), torch.enable_grad():
-            for (x, y), w in zip(self._batches, self._weights):
-                loss = self._loss(x, y) * w
+            for batch, w in zip(self._batches, self._weights):
+                loss = self._loss(batch) * w
                 grads = torch.autograd.grad(loss, theta, allow_unused=True)
                 grad_total += self.flatten(_fill_none(grads, theta))
                 loss_total += loss.detach()
@@ -250,10 +272,9 @@ class HessianOperator:
 
     # ------------------------------------------------------------------ products
 
-    def _loss(self, x: Any, y: Tensor, theta: dict[str, Tensor] | None = None) -> Tensor:
+    def _loss(self, batch: Batch, theta: dict[str, Tensor] | None = None) -> Tensor:
         state = {**self._const, **(self._theta if theta is None else theta)}
-        out = torch.func.functional_call(self.model, state, (x,))
-        return self.loss_fn(out, y)
+        return functional_loss(self.model, self.loss_fn, state, batch)
 
     def _matvec(self, v: Tensor) -> Tensor:
         cache = self._cache if self._cache is not None else self._build_cache()
@@ -267,17 +288,17 @@ class HessianOperator:
                     outputs = [t for g in cached for t in g]
                     hv = torch.autograd.grad(outputs, theta, grad_outputs=parts * len(cached), retain_graph=True, allow_unused=True)
                     total += self.flatten(_fill_none(hv, theta))
-                for (x, y), w, g in zip(self._batches, self._weights, cache):
+                for batch, w, g in zip(self._batches, self._weights, cache):
                     if g is None:
-                        total += self._double_backward(x, y, w, parts)
+                        total += self._double_backward(batch, w, parts)
             elif self.backend == "backward":
-                for (x, y), w in zip(self._batches, self._weights):
-                    total += self._double_backward(x, y, w, parts)
+                for batch, w in zip(self._batches, self._weights):
+                    total += self._double_backward(batch, w, parts)
             elif self.backend == "jvp":
                 tangent = dict(zip(self.names, parts))
                 primal = {k: t.detach() for k, t in self._theta.items()}
-                for (x, y), w in zip(self._batches, self._weights):
-                    grad_fn = torch.func.grad(lambda th, x=x, y=y, w=w: self._loss(x, y, th) * w)
+                for batch, w in zip(self._batches, self._weights):
+                    grad_fn = torch.func.grad(lambda th, b=batch, w=w: self._loss(b, th) * w)
                     with warnings.catch_warnings():
                         # torch's forward AD loads TorchScript decompositions on first use and warns about them
                         warnings.simplefilter("ignore", DeprecationWarning)
@@ -297,17 +318,17 @@ class HessianOperator:
             self.callback(self.hvp_count)
         return total
 
-    def _double_backward(self, x: Any, y: Tensor, w: float, parts: list[Tensor]) -> Tensor:
+    def _double_backward(self, batch: Batch, w: float, parts: list[Tensor]) -> Tensor:
         theta = list(self._theta.values())
-        grads = self._grad_graph(x, y, w)
+        grads = self._grad_graph(batch, w)
         hv = torch.autograd.grad(grads, theta, grad_outputs=parts, allow_unused=True)
         return self.flatten(_fill_none(hv, theta))
 
-    def _grad_graph(self, x: Any, y: Tensor, w: float) -> list[Tensor]:
+    def _grad_graph(self, batch: Batch, w: float) -> list[Tensor]:
         """Weighted gradient of one batch, with its graph (``create_graph=True``)."""
         theta = list(self._theta.values())
         with torch.enable_grad():
-            loss = self._loss(x, y) * w
+            loss = self._loss(batch) * w
             grads = torch.autograd.grad(loss, theta, create_graph=True, allow_unused=True)
         # A parameter the loss does not reach has zero gradient and zero Hessian
         # rows; a constant zero keeps the output list aligned with ``theta``.
@@ -317,20 +338,20 @@ class HessianOperator:
         cache: list[Any] = [None] * len(self._batches)
         with _eval_mode(self.model), torch.enable_grad():
             if self.backend == "graph" and self._batches:
-                sizes = [_batch_size(b) for b in self._batches]
+                sizes = [batch_size(b) for b in self._batches]
                 budget = _free_memory(self.device) * _GRAPH_MEMORY_SHARE if self._graph_memory is None else self._graph_memory
                 per_sample = self._graph_bytes(self._batches[0]) / max(sizes[0], 1) if len(self._batches) > 1 or self._graph_memory is not None else 0.0
                 used = 0.0
-                for i, ((x, y), w) in enumerate(zip(self._batches, self._weights)):
+                for i, (batch, w) in enumerate(zip(self._batches, self._weights)):
                     need = per_sample * sizes[i]
                     if used + need > budget:
                         continue
                     used += need
-                    cache[i] = self._grad_graph(x, y, w)
+                    cache[i] = self._grad_graph(batch, w)
             elif self.backend == "linearize":
                 primal = {k: t.detach() for k, t in self._theta.items()}
-                for i, ((x, y), w) in enumerate(zip(self._batches, self._weights)):
-                    grad_fn = torch.func.grad(lambda th, x=x, y=y, w=w: self._loss(x, y, th) * w)
+                for i, (batch, w) in enumerate(zip(self._batches, self._weights)):
+                    grad_fn = torch.func.grad(lambda th, b=batch, w=w: self._loss(b, th) * w)
                     with warnings.catch_warnings():
                         # torch.fx's constant folding inside linearize warns about its own graph
                         warnings.simplefilter("ignore", UserWarning)
@@ -341,11 +362,10 @@ class HessianOperator:
 
     def _graph_bytes(self, batch: Batch) -> float:
         """Bytes a cached gradient graph of ``batch`` holds (measured on a throwaway graph)."""
-        x, y = batch
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             before = torch.cuda.memory_allocated(self.device)
-            graph = self._grad_graph(x, y, 1.0)
+            graph = self._grad_graph(batch, 1.0)
             torch.cuda.synchronize(self.device)
             size = torch.cuda.memory_allocated(self.device) - before
             del graph
@@ -358,7 +378,7 @@ class HessianOperator:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            graph = self._grad_graph(x, y, 1.0)
+            graph = self._grad_graph(batch, 1.0)
         total += sum(g.numel() * g.element_size() for g in graph)
         del graph
         gc.collect()  # identity pack hooks can leave reference cycles
@@ -451,21 +471,20 @@ def dense_hessian(
     numels = [named[k].numel() for k in names]
     const = {k: _cast(p.detach(), torch.float64) for k, p in named.items() if k not in chosen}
     const.update({k: _cast(b.detach(), torch.float64) for k, b in model.named_buffers()})
-    all_batches = _as_batch_list(batches)
+    all_batches = _as_batch_list(batches, loss_fn)
     if not all_batches:
         raise ValueError("Expected at least one batch of (inputs, targets), got none")
-    total = sum(_batch_size(b) for b in all_batches)
+    total = sum(batch_size(b) for b in all_batches)
     H = torch.zeros(theta0.numel(), theta0.numel(), dtype=torch.float64, device=device)
     with _eval_mode(model):
         for batch in all_batches:
-            x = _cast(batch[0].to(device), torch.float64)
-            y = batch[1].to(device)
+            moved = _to_device(batch, device, torch.float64)
 
-            def loss(flat: Tensor, x: Any = x, y: Tensor = y) -> Tensor:
+            def loss(flat: Tensor, b: Batch = moved) -> Tensor:
                 state = {**const, **{k: p.view(s) for k, p, s in zip(names, flat.split(numels), shapes)}}
-                return loss_fn(torch.func.functional_call(model, state, (x,)), y)
+                return functional_loss(model, loss_fn, state, b)
 
-            H += torch.func.jacrev(torch.func.grad(loss), chunk_size=chunk_size)(theta0) * (_batch_size(batch) / total)
+            H += torch.func.jacrev(torch.func.grad(loss), chunk_size=chunk_size)(theta0) * (batch_size(batch) / total)
     return H
 
 
@@ -497,7 +516,35 @@ def _select_params(model: nn.Module, params: Iterable[nn.Parameter | str] | None
     return names
 
 
-def _as_batch_list(batches: Iterable[Batch] | Batch) -> list[Batch]:
+class _ModelLossModule(nn.Module):
+    """``fn(model, batch)`` as a module, so ``functional_call`` can substitute the model's parameters."""
+
+    def __init__(self, model: nn.Module, fn: ModelLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.fn(self.model, batch)
+
+
+def functional_loss(model: nn.Module, loss_fn: LossFn, state: dict[str, Tensor], batch: Batch) -> Tensor:
+    """Mean loss of one batch with the model's parameters and buffers replaced by ``state``.
+
+    Runs under the math SDPA kernel (module docstring), whose attention is
+    twice differentiable and has forward-mode derivatives.
+    """
+    with sdpa_kernel([SDPBackend.MATH]):
+        if isinstance(loss_fn, ModelLoss):
+            wrapped = _ModelLossModule(model, loss_fn)
+            return torch.func.functional_call(wrapped, {f"model.{k}": v for k, v in state.items()}, (batch,))
+        out = torch.func.functional_call(model, state, (batch[0],))
+        return loss_fn(out, batch[1])
+
+
+def _as_batch_list(batches: Iterable[Batch] | Batch, loss_fn: LossFn | None = None) -> list[Batch]:
+    if isinstance(loss_fn, ModelLoss):
+        return list(batches)  # any batch form; the loss reads it
     if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], Tensor) and isinstance(batches[1], Tensor):
         return [batches]  # one (inputs, targets) pair
     out = []
@@ -508,8 +555,15 @@ def _as_batch_list(batches: Iterable[Batch] | Batch) -> list[Batch]:
     return out
 
 
-def _batch_size(batch: Batch) -> int:
-    return int(batch[1].shape[0]) if batch[1].ndim > 0 else int(batch[0].shape[0])
+def _to_device(batch: Batch, device: torch.device, dtype: torch.dtype) -> Batch:
+    """``batch`` with every tensor on ``device`` and floating ones in ``dtype`` (tuples, lists, dicts)."""
+    if isinstance(batch, Tensor):
+        return _cast(batch.to(device), dtype)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device, dtype) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device, dtype) for v in batch)
+    return batch
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -1,0 +1,169 @@
+"""Every HVP backend on a zoo of layers, against an independent dense float64 Hessian.
+
+The reference is an explicit double-backward loop on the real module (one
+``autograd.grad`` per row), with the attention written out by hand
+(softmax(QK^T / sqrt(d)) V), so it shares no code with the operator:
+no ``functional_call``, no SDPA kernel, no batch weighting helper.
+
+Zoo: a tiny MLP; a CNN with BatchNorm (eval mode: running statistics); an
+attention block with tied input/output embeddings, LayerNorm and dropout
+(eval mode: off) on token data with a ``ModelLoss`` and dict batches; a
+model with an unused parameter (zero rows) and a frozen one (excluded).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from flatness.curvature import BACKENDS, HessianOperator, lanczos_top_eigs
+from flatness.losses import ModelLoss
+
+
+class TinyAttention(nn.Module):
+    """Embedding -> two-head self-attention (4-D SDPA) -> LayerNorm -> logits through the tied embedding."""
+
+    def __init__(self, vocab: int = 7, dim: int = 6) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(0.5)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.embed.weight  # tied
+        self.explicit = False  # the reference writes attention out by hand
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens)
+        b, s, d = h.shape
+        q, k, v = (t.reshape(b, s, 2, d // 2).transpose(1, 2) for t in self.qkv(h).chunk(3, dim=-1))
+        if self.explicit:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+            a = torch.softmax(scores, dim=-1) @ v
+        else:  # 4-D inputs: on CPU this picks the fused flash kernel, which has no double backward
+            a = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0)
+        a = a.transpose(1, 2).reshape(b, s, d)
+        return self.out(self.norm(self.drop(a) + h))
+
+
+def next_token_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    logits = model(batch["tokens"])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["targets"].reshape(-1))
+
+
+class WithUnusedAndFrozen(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 4)
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+        self.b = nn.Linear(4, 3)
+        self.unused = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.tanh(self.frozen(torch.tanh(self.a(x)))))
+
+
+def _mlp() -> tuple[nn.Module, Any, list]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in (7, 12)]
+    return model, F.cross_entropy, batches
+
+
+def _cnn_bn() -> tuple[nn.Module, Any, list]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 3, 3), nn.BatchNorm1d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6, 3))
+    with torch.no_grad():
+        model[1].running_mean.normal_(0, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(n, 1, 8, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in (9, 5)]
+    return model, F.cross_entropy, batches
+
+
+def _attention() -> tuple[nn.Module, Any, list]:
+    torch.manual_seed(0)
+    model = TinyAttention()
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for n in (3, 5):
+        tokens = torch.randint(0, 7, (n, 4), generator=g)
+        batches.append({"tokens": tokens, "targets": torch.roll(tokens, -1, dims=1)})
+    return model, ModelLoss(next_token_loss, "test:next_token_loss"), batches
+
+
+def _unused() -> tuple[nn.Module, Any, list]:
+    torch.manual_seed(0)
+    model = WithUnusedAndFrozen()
+    g = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in (6, 10)]
+    return model, F.cross_entropy, batches
+
+
+ZOO: dict[str, Callable[[], tuple[nn.Module, Any, list]]] = {"mlp": _mlp, "cnn_bn": _cnn_bn, "attention": _attention, "unused": _unused}
+
+
+def reference_hessian(model: nn.Module, loss_fn: Any, batches: list) -> Tensor:
+    """Dense float64 Hessian of the sample-weighted mean loss, row by row (double backward)."""
+    model = copy.deepcopy(model).double().eval()
+    if isinstance(model, TinyAttention):
+        model.explicit = True
+    params = [p for p in model.parameters() if p.requires_grad]  # parameters() lists a tied tensor once
+    total = sum(len(next(iter(b.values())) if isinstance(b, dict) else b[0]) for b in batches)
+    loss = torch.zeros((), dtype=torch.float64)
+    for b in batches:
+        if isinstance(b, dict):
+            n, value = len(b["tokens"]), loss_fn(model, b)
+        else:
+            n, value = len(b[0]), loss_fn(model(b[0].double()), b[1])
+        loss = loss + value * n / total
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    g = torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1) for gi, p in zip(grads, params)])
+    rows = []
+    for i in range(g.numel()):
+        if not g[i].requires_grad:  # the loss does not reach this entry
+            rows.append(torch.zeros_like(g))
+            continue
+        row = torch.autograd.grad(g[i], params, retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if r is None else r).reshape(-1) for r, p in zip(row, params)]))
+    H = torch.stack(rows)
+    return 0.5 * (H + H.T)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_matches_independent_dense_hessian(name: str, backend: str) -> None:
+    model, loss_fn, batches = ZOO[name]()
+    model.train()  # the operator must switch to eval mode itself (dropout off, BN running stats)
+    dense = reference_hessian(model, loss_fn, batches)
+    H = HessianOperator(model, loss_fn, batches, dtype=torch.float64, backend=backend)
+    assert H.shape == dense.shape  # tied weights once, frozen excluded, unused included
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(H @ v, dense @ v, rtol=1e-9, atol=1e-11)
+    top = lanczos_top_eigs(H, k=5, tol=1e-10)
+    true = torch.linalg.eigvalsh(dense).flip(0)[:5]
+    assert top.converged
+    assert float(((top.eigenvalues - true).abs() / true.abs()).max()) <= 1e-6
+    assert model.training  # the caller's mode is restored
+
+
+def test_unused_parameter_has_zero_rows_and_frozen_is_excluded() -> None:
+    model, loss_fn, batches = _unused()
+    H = HessianOperator(model, loss_fn, batches, dtype=torch.float64)
+    assert "frozen.weight" not in H.names and "unused" in H.names
+    i = H.names.index("unused")
+    start = sum(H.numels[:i])
+    e = torch.zeros(H.shape[0], dtype=torch.float64)
+    e[start] = 1.0
+    assert torch.equal(H @ e, torch.zeros_like(e))
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal((H @ v)[start : start + H.numels[i]], torch.zeros(H.numels[i], dtype=torch.float64))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 from pathlib import Path
 
-from flatness.cli.common import add_command, check_output_file, require_file
+from flatness.cli.common import add_command, require_file
 from flatness.errors import FlatnessError
 
 EXAMPLES = """\
@@ -33,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log", action=argparse.BooleanOptionalAction, default=None,
                    help="logarithmic loss / density axis (default: linear for surfaces, log for densities)" + _OWN)
     p.add_argument("--trajectory", action="store_true", help="draw the projected training trajectory (surfaces computed with --run)" + _OWN)
-    p.add_argument("--vmax", type=float, default=None, help="top contour level / colour limit (default: 95th percentile)" + _OWN)
+    p.add_argument("--vmax", type=float, default=None, help="top contour level / colour limit, a finite number above the surface's minimum (default: 95th percentile)" + _OWN)
     p.add_argument("--out", required=True, metavar="FIG", help="output figure: .png, .pdf or .svg" + _OWN)
     p.add_argument("--force", action="store_true", help="overwrite an existing figure" + _OWN)
     p.set_defaults(func=run)
@@ -49,7 +51,25 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise FlatnessError(f"--out {out} must end in .png, .pdf or .svg")
-    check_output_file(out, args.force)
+    if out.is_dir():
+        raise FlatnessError(f"output {out} is a folder, expected a file path")
+    if out.exists() and not args.force:
+        raise FlatnessError(f"output {out} already exists; pass --force to overwrite it")
+    if args.vmax is not None and not math.isfinite(args.vmax):
+        raise FlatnessError(f"--vmax must be a finite number, got {args.vmax}")
+    created = [p for p in reversed(out.parents) if not p.exists()]
+    try:
+        _draw(src, out, args)
+    except BaseException:
+        for folder in reversed(created):  # a failed plot leaves no new empty folders
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    print(f"wrote {out}")
+    return 0
+
+
+def _draw(src: Path, out: Path, args: argparse.Namespace) -> None:
     if src.suffix.lower() == ".json":
         try:
             result = json.loads(src.read_text())
@@ -57,12 +77,13 @@ def run(args: argparse.Namespace) -> int:
             raise FlatnessError(f"{src} is not valid JSON: {e}") from None
         if not isinstance(result, dict):
             raise FlatnessError(f"{src} does not hold a hessian result (expected a JSON object)")
-        if args.kind is not None or args.trajectory or args.key is not None:
-            raise FlatnessError("--kind, --key and --trajectory apply to surface files; a .json hessian result is drawn as a spectral density")
+        if args.kind is not None or args.trajectory or args.key is not None or args.vmax is not None:
+            raise FlatnessError("--kind, --key, --vmax and --trajectory apply to surface files; a .json hessian result is drawn as a spectral density")
         try:
             from flatness.plots.density import plot_spectral_density
         except ImportError as e:
             raise FlatnessError(f"spectral density plots are not available in this installation ({e})") from None
+        _make_folder(out.parent)
         plot_spectral_density(result, out, **({} if args.log is None else {"log": args.log}))
     elif src.suffix.lower() in _H5 or _is_hdf5(src):
         from flatness.plots.surface import plot_surface
@@ -70,5 +91,10 @@ def run(args: argparse.Namespace) -> int:
         plot_surface(src, out, kind=args.kind, key=args.key, log=bool(args.log), trajectory=args.trajectory, vmax=args.vmax)
     else:
         raise FlatnessError(f"cannot plot {src}: expected a surface .h5 file or a hessian .json result")
-    print(f"wrote {out}")
-    return 0
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FlatnessError(f"cannot create folder {folder}: {e.strerror}") from None

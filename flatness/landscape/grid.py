@@ -1,8 +1,9 @@
 """Grid axes: ``MIN:MAX:N`` specs, coordinates and the flat point order.
 
 A 2-D grid of ``nx`` by ``ny`` points is enumerated in C order over the
-``(nx, ny)`` array, so flat point ``p`` is the cell ``[p // ny, p % ny]``
-holding the value at ``(x_{p // ny}, y_{p % ny})``. Chunks of points are
+``(ny, nx)`` array of the surface file ("xy" order, that of ``np.meshgrid(x, y)``),
+so flat point ``p`` is the cell ``[p // nx, p % nx]`` holding the value at
+``(x_{p % nx}, y_{p // nx})``. Chunks of points are
 contiguous ranges of flat indices; the chunking is a pure function of the
 grid and the chunk size, which is what makes resumed and multi-process runs
 compute exactly the same numbers as a single uninterrupted one.
@@ -28,7 +29,7 @@ class Axis:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.lo) and math.isfinite(self.hi)):
-            raise FlatnessError(f"grid bounds must be finite numbers, got {self.lo}:{self.hi}")
+            raise FlatnessError(f"grid bounds must be finite numbers, got MIN={self.lo} and MAX={self.hi}")
         if self.num <= 0:
             raise FlatnessError(f"grid size N must be a positive integer, got {self.num}")
         if self.lo >= self.hi:
@@ -38,6 +39,13 @@ class Axis:
     def coordinates(self) -> np.ndarray:
         """The ``num`` coordinates as float64 (``np.linspace(lo, hi, num)``)."""
         return np.linspace(self.lo, self.hi, num=self.num)
+
+    @property
+    def zero_index(self) -> int | None:
+        """Index of the coordinate 0 (the centre) when it is a grid point, else None."""
+        xs = self.coordinates
+        i = int(np.abs(xs).argmin())
+        return i if abs(float(xs[i])) <= 1e-9 * (self.hi - self.lo) else None
 
     @property
     def spec(self) -> str:
@@ -82,14 +90,14 @@ def parse_axis(text: str | Axis | tuple[float, float, int], flag: str = "--x") -
 
 
 def grid_points(xs: np.ndarray, ys: np.ndarray | None) -> np.ndarray:
-    """All grid points as a ``(P, k)`` float64 array in flat (C, "ij") order.
+    """All grid points as a ``(P, k)`` float64 array in flat (C, "xy") order.
 
     ``k`` is 1 for a 1-D grid and 2 for a 2-D grid; row ``p`` of a 2-D grid is
-    ``(xs[p // ny], ys[p % ny])``.
+    ``(xs[p % nx], ys[p // nx])``, the order of ``np.meshgrid(xs, ys)``.
     """
     if ys is None:
         return np.asarray(xs, dtype=np.float64).reshape(-1, 1)
-    gx, gy = np.meshgrid(xs, ys, indexing="ij")
+    gx, gy = np.meshgrid(xs, ys, indexing="xy")
     return np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.float64)
 
 

@@ -4,27 +4,34 @@ Layout of a file written here (keys as in tomgoldstein/loss-landscape)::
 
     /xcoordinates            (nx,)      float64
     /ycoordinates            (ny,)      float64      2-D surfaces only
-    /train_loss, /train_acc  (nx,) or (nx, ny) float64, accuracy in %
+    /train_loss, /train_acc  (nx,) or (ny, nx) float64, accuracy in %
     /test_loss,  /test_acc   same, when asked
     /xdirection/<k>          one dataset per parameter, model.parameters() order
     /ydirection/<k>          2-D surfaces only
     /proj_xcoord, /proj_ycoord, /proj_epochs     trajectory, when projected
     /explained_variance_ratio_, /explained_variance_, /singular_values_   PCA
-    attrs: format, format_version, version, index_order = "ij", dim,
-           settings (JSON), chunk_size, method
+    attrs: format, format_version, version, index_order = "xy", dim,
+           settings (JSON), chunk_size, method, directions (their kind)
 
-A 2-D array has shape ``(nx, ny)`` and ``[i, j]`` is the value at
-``(x_i, y_j)``. Cells not computed yet hold NaN. The file is first written
+A 2-D array has shape ``(ny, nx)`` and ``[j, i]`` is the value at
+``(x_i, y_j)``: the order of ``X, Y = np.meshgrid(x, y)``, which is what
+loss-landscape's ``plot_2D`` and matplotlib's ``contour(x, y, Z)`` expect.
+Cells not computed yet hold NaN. The file is first written
 complete (NaN everywhere) under a temporary name and renamed into place;
 after that, each chunk of points is written into the existing datasets and
 flushed, so a killed run leaves a readable file whose NaN cells ``--resume``
-fills in.
+fills in. While a run writes a file it holds an exclusive lock on it
+(:class:`SurfaceLock`), so a second run on the same file is refused.
 
-Files written by loss-landscape itself have no ``index_order``, fill missing
-cells with -1, and put the values of a 2-D grid in ``np.meshgrid(x, y)``
-order: flat index ``j * nx + i`` holds the value at ``(x_i, y_j)`` even
-though the dataset is allocated with shape ``(nx, ny)`` (which is why their
-non-square plots come out scrambled). :func:`read_surface` converts them.
+Older files of this package (flatness < 0.2) have ``index_order = "ij"``:
+shape ``(nx, ny)`` with ``[i, j]`` at ``(x_i, y_j)``. :func:`read_surface`
+converts them, and :func:`upgrade_to_xy` rewrites one in place (atomically)
+before it is resumed. Files written by loss-landscape itself have no
+``index_order``, fill missing cells with -1, and put the values of a 2-D grid
+in ``np.meshgrid(x, y)`` order: flat index ``j * nx + i`` holds the value at
+``(x_i, y_j)`` even though the dataset is allocated with shape ``(nx, ny)``
+(their own ``plot_2D`` therefore fails on non-square grids).
+:func:`read_surface` converts them as well.
 """
 
 from __future__ import annotations
@@ -58,13 +65,14 @@ EXTRA_KEYS = (
 
 @dataclass
 class Surface:
-    """A loss surface in memory, always in "ij" order with NaN for missing cells.
+    """A loss surface in memory, always in "xy" order with NaN for missing cells.
 
     Attributes:
         xcoordinates: ``(nx,)`` coordinates along the first direction.
         ycoordinates: ``(ny,)`` coordinates along the second direction (None in 1-D).
         values: ``"train_loss"``, ``"train_acc"`` (and ``"test_*"``) arrays of
-            shape ``(nx,)`` or ``(nx, ny)``; ``[i, j]`` is the value at ``(x_i, y_j)``.
+            shape ``(nx,)`` or ``(ny, nx)``; ``[j, i]`` is the value at ``(x_i, y_j)``
+            (``contour(xcoordinates, ycoordinates, values[key])`` draws it).
         directions: the x (and y) directions, one array per parameter.
         settings: what the surface was computed with (empty for foreign files).
         extra: trajectory and PCA arrays (``proj_xcoord``, ``explained_variance_ratio_`` ...).
@@ -88,7 +96,15 @@ class Surface:
     def shape(self) -> tuple[int, ...]:
         if self.ycoordinates is None:
             return (len(self.xcoordinates),)
-        return (len(self.xcoordinates), len(self.ycoordinates))
+        return (len(self.ycoordinates), len(self.xcoordinates))
+
+    def value_at(self, key: str, x: float, y: float | None = None) -> float:
+        """The value of ``key`` at the grid point ``(x, y)`` (nearest coordinates)."""
+        i = int(np.abs(self.xcoordinates - x).argmin())
+        if self.ycoordinates is None:
+            return float(self[key][i])
+        j = int(np.abs(self.ycoordinates - (y or 0.0)).argmin())
+        return float(self[key][j, i])
 
     def __getitem__(self, key: str) -> np.ndarray:
         try:
@@ -134,8 +150,11 @@ def create_surface_file(
     chunk_size: int,
     method: str,
     extra: Mapping[str, np.ndarray] | None = None,
+    attrs: Mapping[str, str] | None = None,
 ) -> None:
     """Write a new surface file with every value cell NaN, atomically (temp file + rename).
+
+    ``attrs`` are extra string attributes (e.g. ``directions``, ``hessian_normalize``).
 
     Raises:
         FlatnessError: the folder cannot be written.
@@ -144,7 +163,7 @@ def create_surface_file(
 
     path = Path(path)
     nx = len(xcoordinates)
-    shape = (nx,) if ycoordinates is None else (nx, len(ycoordinates))
+    shape = (nx,) if ycoordinates is None else (len(ycoordinates), nx)
     # The file is built in memory and written with one atomic write: h5py crashes the
     # process (not an exception) when the disk refuses a write mid-way (full disk, file
     # size limit), so the only disk write that can fail is a plain Python one.
@@ -153,11 +172,13 @@ def create_surface_file(
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["version"] = __version__
-        f.attrs["index_order"] = "ij"
+        f.attrs["index_order"] = "xy"
         f.attrs["dim"] = len(shape)
         f.attrs["settings"] = json.dumps(_normalize(settings), sort_keys=True)
         f.attrs["chunk_size"] = int(chunk_size)
         f.attrs["method"] = method
+        for name, value in (attrs or {}).items():
+            f.attrs[name] = value
         f.create_dataset("xcoordinates", data=np.asarray(xcoordinates, dtype=np.float64))
         if ycoordinates is not None:
             f.create_dataset("ycoordinates", data=np.asarray(ycoordinates, dtype=np.float64))
@@ -169,11 +190,15 @@ def create_surface_file(
                 group.create_dataset(str(k), data=np.asarray(arr))
         for key, arr in (extra or {}).items():
             f.create_dataset(key, data=np.asarray(arr))
+    created = [p for p in reversed(path.parents) if not p.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(path, "wb") as out:
             out.write(image.getbuffer())
     except OSError as e:
+        for folder in reversed(created):  # leave no new empty folders behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise FlatnessError(f"cannot write {path}: {e.strerror or e}") from None
 
 
@@ -263,8 +288,8 @@ class SurfaceWriter:
                 lo, hi = int(points.min()), int(points.max()) + 1
                 self._file[key][lo:hi] = self.values[key][lo:hi]
             else:
-                ny = self.shape[1]
-                lo, hi = int(points.min()) // ny, int(points.max()) // ny + 1
+                ncols = self.shape[1]
+                lo, hi = int(points.min()) // ncols, int(points.max()) // ncols + 1
                 self._file[key][lo:hi, :] = self.values[key][lo:hi, :]
         self._file.flush()
 
@@ -290,7 +315,7 @@ def _reading(path: Path) -> Iterator[Any]:
 
 
 def _ll_convert(arr: np.ndarray, nx: int, ny: int | None) -> np.ndarray:
-    """A loss-landscape value array -> "ij" order with NaN for the -1 marks."""
+    """A loss-landscape value array -> "xy" order ``(ny, nx)`` with NaN for the -1 marks."""
     arr = np.asarray(arr, dtype=np.float64).copy()
     arr[arr == -1] = np.nan
     if ny is None:
@@ -298,11 +323,11 @@ def _ll_convert(arr: np.ndarray, nx: int, ny: int | None) -> np.ndarray:
     if arr.size != nx * ny:
         raise FlatnessError(f"loss-landscape array has {arr.size} values, expected {nx} x {ny}")
     # Their flat index j * nx + i holds (x_i, y_j): meshgrid order, whatever the allocated shape.
-    return arr.reshape(-1).reshape(ny, nx).T.copy()
+    return arr.reshape(-1).reshape(ny, nx).copy()
 
 
 def read_surface(path: str | Path) -> Surface:
-    """Read a surface file written here or by loss-landscape, in "ij" order with NaN for missing cells.
+    """Read a surface file written here or by loss-landscape, in "xy" order with NaN for missing cells.
 
     Raises:
         FlatnessError: missing, not HDF5, or without ``xcoordinates``.
@@ -310,7 +335,7 @@ def read_surface(path: str | Path) -> Surface:
     Example:
         >>> s = read_surface("surface.h5")  # doctest: +SKIP
         >>> s["train_loss"].shape            # doctest: +SKIP
-        (51, 51)
+        (41, 51)
     """
     path = Path(path)
     try:
@@ -338,10 +363,10 @@ def _read_surface(path: Path) -> Surface:
             raw = np.asarray(f[key][()], dtype=np.float64)
             if order is None:
                 values[key] = _ll_convert(raw, nx, ny)
-            elif order == "ij":
-                values[key] = raw.reshape((nx,) if ny is None else (nx, ny))
+            elif order == "ij":  # flatness < 0.2: shape (nx, ny)
+                values[key] = raw.reshape(nx) if ny is None else raw.reshape(nx, ny).T.copy()
             elif order == "xy":  # meshgrid layout, shape (ny, nx)
-                values[key] = raw.reshape(nx) if ny is None else raw.reshape(ny, nx).T.copy()
+                values[key] = raw.reshape((nx,) if ny is None else (ny, nx))
             else:
                 raise FlatnessError(f"{path} has index_order {order!r}; expected 'ij' or 'xy'")
         directions = []
@@ -361,3 +386,81 @@ def _read_surface(path: Path) -> Surface:
         source="flatness" if attrs.get("format") == FORMAT else ("loss-landscape" if order is None else "other"),
         path=path,
     )
+
+
+def upgrade_to_xy(path: str | Path) -> bool:
+    """Rewrite an older "ij" surface file of this package in "xy" order, atomically.
+
+    Every value dataset of a 2-D file is transposed to ``(ny, nx)`` and the
+    attribute set to ``"xy"``; a 1-D file only gets the attribute. The new
+    file is written beside the old and renamed over it, so a failure leaves
+    the old one as it was.
+
+    Returns:
+        True when the file was converted, False when it already was "xy".
+    """
+    import h5py
+
+    path = Path(path)
+    with _reading(path) as f:
+        order = f.attrs.get("index_order")
+        order = order.decode() if isinstance(order, bytes) else order
+        if order != "ij":
+            return False
+    image = io.BytesIO(path.read_bytes())
+    with h5py.File(image, "r+") as f:
+        two_d = "ycoordinates" in f
+        for key in [k for k in f if isinstance(f[k], h5py.Dataset) and (k.endswith("_loss") or k.endswith("_acc"))]:
+            data = np.asarray(f[key][()])
+            if two_d:
+                del f[key]
+                f.create_dataset(key, data=np.ascontiguousarray(data.T))
+        f.attrs["index_order"] = "xy"
+    try:
+        with atomic_open(path, "wb") as out:
+            out.write(image.getbuffer())
+    except OSError as e:
+        raise FlatnessError(f"cannot rewrite {path} in the current layout: {e.strerror or e}") from None
+    return True
+
+
+class SurfaceLock:
+    """An exclusive lock on a surface file while a run writes it (Linux open-file-description lock).
+
+    Taken with ``F_OFD_SETLK`` on a descriptor of the file itself, so no lock
+    file is left behind by a killed run (the kernel drops the lock with the
+    process), HDF5's own ``flock`` in the same process does not conflict, and
+    closing other descriptors of the file does not release it.
+
+    Raises:
+        FlatnessError: another process holds the lock.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        import fcntl
+        import os
+        import struct
+
+        self.path = Path(path)
+        self._fd: int | None = os.open(self.path, os.O_RDWR)
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
+        except OSError:
+            os.close(self._fd)
+            self._fd = None
+            raise FlatnessError(
+                f"{self.path} is being written by another flatness process; wait for it to finish (or stop it) and run again"
+            ) from None
+
+    def release(self) -> None:
+        import os
+
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> SurfaceLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

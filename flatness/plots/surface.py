@@ -80,9 +80,8 @@ def _levels(z: np.ndarray, vmax: float | None, n: int = 16) -> np.ndarray:
     return np.unique(lo + (hi - lo) * k**2)
 
 
-def plot_surface(
+def surface_figure(
     surface: Surface | str | Path,
-    out: str | Path,
     *,
     kind: str | None = None,
     key: str | None = None,
@@ -90,13 +89,11 @@ def plot_surface(
     trajectory: bool = False,
     vmax: float | None = None,
     title: str | None = None,
-    dpi: int = 150,
-) -> Path:
-    """Draw a surface into ``out``.
+) -> Any:
+    """The matplotlib ``Figure`` of a surface (no file written; see :func:`plot_surface`).
 
     Args:
         surface: a :class:`~flatness.landscape.Surface` or the path of a surface file.
-        out: ``.png``, ``.pdf`` or ``.svg`` file.
         kind: ``"line"`` (1-D: loss and accuracy against x), ``"contour"``
             (labelled iso-loss lines), ``"filled"`` (filled contour with a
             colour bar), ``"heatmap"`` or ``"3d"``. Default: ``line`` for 1-D
@@ -105,21 +102,19 @@ def plot_surface(
         log: logarithmic loss axis (1-D) or log10 of the values (2-D).
         trajectory: draw the projected training trajectory (2-D contour kinds
             and heatmap), labelling PCA axes with their explained variance.
-        vmax: top contour level / colour limit (default: the 95th percentile).
+        vmax: top contour level / colour limit (default: the 95th percentile);
+            a finite number above the surface's minimum.
         title: figure title (default: the key and directions).
-        dpi: resolution of raster output.
 
     Returns:
-        ``out`` as a Path.
+        A ``matplotlib.figure.Figure`` on an Agg canvas.
 
     Raises:
         FlatnessError: unknown kind, a kind that does not fit the surface's
-            dimension, no trajectory in the file, or a bad output suffix.
+            dimension, no trajectory in the file, or a bad ``vmax``.
     """
     if not isinstance(surface, Surface):
         surface = read_surface(surface)
-    out = Path(out)
-    _check_out(out)
     if kind is None:
         kind = "line" if surface.dim == 1 else "contour"
     if kind not in KINDS:
@@ -132,16 +127,66 @@ def plot_surface(
         raise FlatnessError("the surface file has no trajectory: compute it with --run RUN_DIR (and --dim 2)")
     if trajectory and kind == "3d":
         raise FlatnessError("--trajectory is drawn on contour, filled and heatmap plots, not on 3d")
+    if vmax is not None and not np.isfinite(vmax):
+        raise FlatnessError(f"--vmax must be a finite number, got {vmax}")
     if kind == "line":
-        fig = _plot_line(surface, log=log, title=title)
-    else:
-        fig = _plot_2d(surface, kind, key=key or surface.default_key(), log=log, trajectory=trajectory, vmax=vmax, title=title)
+        if vmax is not None:
+            raise FlatnessError("--vmax applies to 2-D kinds (contour, filled, heatmap, 3d), not to --kind line")
+        return _plot_line(surface, log=log, title=title)
+    key = key or surface.default_key()
+    if vmax is not None:
+        _check_vmax(surface[key], vmax, log)
+    return _plot_2d(surface, kind, key=key, log=log, trajectory=trajectory, vmax=vmax, title=title)
+
+
+def _check_vmax(values: np.ndarray, vmax: float, log: bool) -> None:
+    finite = values[np.isfinite(values)]
+    if log and vmax <= 0:
+        raise FlatnessError(f"--vmax must be positive with --log, got {vmax:g}")
+    if finite.size and not vmax > float(finite.min()):
+        raise FlatnessError(f"--vmax {vmax:g} is not above the surface's minimum {float(finite.min()):.4g}; nothing would be drawn")
+
+
+def plot_surface(
+    surface: Surface | str | Path,
+    out: str | Path,
+    *,
+    kind: str | None = None,
+    key: str | None = None,
+    log: bool = False,
+    trajectory: bool = False,
+    vmax: float | None = None,
+    title: str | None = None,
+    dpi: int = 150,
+) -> Any:
+    """Draw a surface into ``out`` (``.png``, ``.pdf`` or ``.svg``) and return the Figure.
+
+    Arguments as for :func:`surface_figure`; ``dpi`` is the raster resolution.
+    Folders of ``out`` that had to be made are removed again if the write fails.
+
+    Raises:
+        FlatnessError: as :func:`surface_figure`, a bad output suffix, or a failed write.
+    """
+    out = Path(out)
+    _check_out(out)
+    fig = surface_figure(surface, kind=kind, key=key, log=log, trajectory=trajectory, vmax=vmax, title=title)
+    save_figure(fig, out, dpi=dpi)
+    return fig
+
+
+def save_figure(fig: Any, out: Path, *, dpi: int = 150) -> None:
+    """``fig.savefig(out)``, making missing folders and removing them again when the write fails."""
+    import contextlib
+
+    created = [p for p in reversed(out.parents) if not p.exists()]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=dpi, bbox_inches="tight")
     except OSError as e:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise FlatnessError(f"cannot write figure {out}: {e.strerror or e}") from None
-    return out
 
 
 def _plot_line(surface: Surface, *, log: bool, title: str | None) -> Any:
@@ -186,7 +231,7 @@ def _direction_name(surface: Surface) -> str:
 
 
 def _plot_2d(surface: Surface, kind: str, *, key: str, log: bool, trajectory: bool, vmax: float | None, title: str | None) -> Any:
-    X, Y = np.meshgrid(surface.xcoordinates, surface.ycoordinates, indexing="ij")  # 2-D: checked by the caller
+    X, Y = np.meshgrid(surface.xcoordinates, surface.ycoordinates)  # "xy": values[key][j, i] is at (x_i, y_j)
     raw = surface[key]
     Z, label = _transform(raw, log, key)
     top = (np.log10(vmax) if (log and vmax is not None and vmax > 0) else vmax)

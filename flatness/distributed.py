@@ -7,7 +7,9 @@ NCCL on CUDA and gloo on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +47,23 @@ def init_from_env(device: torch.device) -> DistInfo:
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
     return info()
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[DistInfo]:
+    """The process group of a command: joined on entry, destroyed on exit.
+
+    The one owner of a group: the group is destroyed here only if it was
+    created here (a caller that already joined one, e.g. a test harness or
+    an enclosing command, keeps it). With one process it yields ``DistInfo()``.
+    """
+    created = not (dist.is_available() and dist.is_initialized())
+    dist_info = init_from_env(device)
+    try:
+        yield dist_info
+    finally:
+        if created and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def local_device(device: torch.device) -> torch.device:

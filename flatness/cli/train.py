@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from flatness.cli.common import add_command, add_common, positive_int
+from pathlib import Path
+
+from flatness.cli.common import add_command, add_common
 from flatness.errors import FlatnessError
 
 EXAMPLES = """\
@@ -15,7 +17,15 @@ EXAMPLES = """\
   flatness train --out runs/sgd --resume             # continue after a crash or kill
   flatness train --model resnet18 --data cifar100 --data-dir ~/data/cifar --epochs 200 \\
       --batch-size 256 --lr 0.1 --weight-decay 1e-3 --cutout 16 --method m-arwp --sigma 0.015
+  flatness train --method m-arwp --mix-batches alternate --epochs 60 --out runs/alt   # 120 data epochs, same updates
+  flatness train --method sam --val-split 500 --out runs/sam-val   # hold out 500 training samples
+  flatness train --method sgd --track-curvature 50 --save-every 50 --out runs/eos   # lambda_max every 50 updates
+  torchrun --nproc_per_node 2 -m flatness train --method sam --out runs/ddp   # DistributedDataParallel
   torchrun --nproc_per_node 2 -m flatness train --method m-arwp --parallel-roles --out runs/par
+
+protocol: --epochs E means E epochs' worth of parameter UPDATES for every method, with the LR schedule
+stepped per update. The alternate m-(A)RWP scheme (one update per two batches) therefore reads 2E data
+epochs, as the official script does; config.json records updates, data_epochs and grad_evals_per_update.
 """
 
 
@@ -44,24 +54,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--data-dir", default=None, help="folder with the CIFAR python-pickle batches")
     g.add_argument("--out", default=None, help="run directory (default runs/METHOD-MODEL-DATA-sSEED)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps within an epoch (0: epoch ends only)")
+    g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N updates within an epoch (0: epoch ends only)")
+    g.add_argument("--val-split", type=int, default=d.val_split,
+                   help="hold out N training samples (chosen by --seed) as a validation split: not trained on, "
+                        "val_loss/val_acc in metrics")
+    g.add_argument("--track-curvature", type=int, default=d.track_curvature, metavar="N",
+                   help="every N updates, lambda_max on the first --track-samples training samples into curvature.jsonl (0: off)")
+    g.add_argument("--track-trace", action="store_true", help="with --track-curvature, also the Hessian trace (Hutch++)")
+    g.add_argument("--track-samples", type=int, default=d.track_samples, help="samples of the fixed analysis batch")
     g.add_argument("--no-epoch-checkpoints", action="store_true", help="keep only last.pt and final.pt")
     add_common(g)
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=positive_int, default=d.epochs)
-    o.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    o.add_argument("--epochs", type=int, default=d.epochs,
+                   help="epochs' worth of updates, equal for every method (alternate m-(A)RWP reads twice the data epochs)")
+    o.add_argument("--batch-size", type=int, default=d.batch_size)
     o.add_argument("--lr", type=float, default=d.lr)
     o.add_argument("--momentum", type=float, default=d.momentum)
     o.add_argument("--weight-decay", type=float, default=d.weight_decay)
     o.add_argument("--nesterov", action="store_true")
     o.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
-    o.add_argument("--cutout", type=int, default=0, help="cutout square side for CIFAR (0: off)")
+    o.add_argument("--cutout", type=int, default=d.cutout, help="cutout square side for CIFAR (0: off)")
     o.add_argument("--no-augment", action="store_true", help="no crop/flip for CIFAR")
     m = p.add_argument_group("method hyperparameters")
-    m.add_argument("--rho", type=float, default=d.rho, help="SAM/ASAM/delta-SAM radius")
+    m.add_argument("--rho", type=float, default=None, help="SAM/ASAM/delta-SAM radius (default: 0.5 for asam, 0.05 otherwise)")
     m.add_argument("--adaptive-eta", type=float, default=d.adaptive_eta, help="ASAM's eta")
     m.add_argument("--sigma", type=float, default=d.sigma, help="RWP-family noise std multiplier")
     m.add_argument("--sigma-inc", type=float, default=d.sigma_inc, help="CosineInc: sigma grows to sigma*(1+inc) (0: constant)")
+    m.add_argument("--incstd", action="store_true",
+                   help="the official --incstd: sigma rises by a cosine from --weight-decay to --sigma over the run")
     m.add_argument("--lam", type=float, default=d.lam, help="m-RWP/m-ARWP weight of the perturbed gradient")
     m.add_argument("--eta", type=float, default=d.eta, help="ARWP's eta")
     m.add_argument("--beta", type=float, default=d.beta, help="ARWP's accumulator decay")
@@ -77,37 +97,37 @@ def _given(args: argparse.Namespace) -> set[str]:
     return {a.dest for a in parser._actions if a.dest != "help" and getattr(args, a.dest, None) != a.default}
 
 
-def run(args: argparse.Namespace) -> int:
-    from flatness.training import TrainConfig, train
-    from flatness.training.rundir import RunDir
-
-    fields = {
+def _fields(args: argparse.Namespace) -> dict:
+    return {
         "model": args.model, "data": args.data, "data_dir": args.data_dir, "model_kwargs": args.model_kwargs,
         "method": args.method, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "momentum": args.momentum, "weight_decay": args.weight_decay, "nesterov": args.nesterov,
         "schedule": args.schedule, "seed": args.seed, "cutout": args.cutout, "augment": not args.no_augment,
-        "rho": args.rho, "adaptive_eta": args.adaptive_eta, "sigma": args.sigma, "sigma_inc": args.sigma_inc,
-        "lam": args.lam, "eta": args.eta, "beta": args.beta, "temperature": args.temperature,
-        "mix_batches": args.mix_batches, "parallel_roles": args.parallel_roles, "save_every": args.save_every,
-        "keep_epochs": not args.no_epoch_checkpoints,
+        "val_split": args.val_split, "rho": args.rho, "adaptive_eta": args.adaptive_eta, "sigma": args.sigma,
+        "sigma_inc": args.sigma_inc, "incstd": args.incstd, "lam": args.lam, "eta": args.eta, "beta": args.beta,
+        "temperature": args.temperature, "mix_batches": args.mix_batches, "parallel_roles": args.parallel_roles,
+        "save_every": args.save_every, "keep_epochs": not args.no_epoch_checkpoints,
+        "track_curvature": args.track_curvature, "track_trace": args.track_trace, "track_samples": args.track_samples,
     }
+
+
+def run(args: argparse.Namespace) -> int:
+    from flatness.training import TrainConfig, train
+    from flatness.training.rundir import resume_settings
+
+    fields = _fields(args)
     out = args.out or f"runs/{args.method}-{args.model}-{args.data}-s{args.seed}"
-    run_dir = RunDir(__import__("pathlib").Path(out))
-    if args.resume and run_dir.config.exists():
+    saved = resume_settings(out, {}) if args.resume else None
+    if saved is not None:
         # Resume: start from the saved settings; flags typed now must agree (checked by train()).
-        saved = run_dir.read_config()
-        given = _given(args)
         flag_to_field = {"no_augment": "augment", "no_epoch_checkpoints": "keep_epochs"}
-        typed = {flag_to_field.get(k, k): fields[flag_to_field.get(k, k)] for k in given if flag_to_field.get(k, k) in fields}
+        typed = {flag_to_field.get(k, k): fields[flag_to_field.get(k, k)] for k in _given(args) if flag_to_field.get(k, k) in fields}
         try:
             config = TrainConfig.from_dict({**saved, **typed})
         except FlatnessError as e:
-            raise FlatnessError(f"{run_dir.config}: {e}") from None
+            raise FlatnessError(f"{Path(out) / 'config.json'}: {e}") from None
     else:
         config = TrainConfig(**fields)
-    from flatness.training.methods import get_method
-
-    get_method(config.method)  # unknown method: one clear line before any work
     result = train(config, out, device=args.device, resume=args.resume, force=args.force, quiet=args.quiet)
     from flatness.distributed import info
 

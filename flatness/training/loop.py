@@ -1,20 +1,34 @@
-"""The training loop: one ``opt.step(closure)`` per batch, evaluation every epoch.
+"""The training loop: one ``opt.step(closure)`` per batch, evaluation every data epoch.
 
-Reproducibility: the data order of epoch ``e`` is a permutation drawn from a
-generator seeded with ``(seed, e)``, and the augmentation of batch ``b`` from
-one seeded with ``(seed, e, b)``; the model, optimizer (with its noise
-generator), scheduler, global RNG state, position in the epoch and running
-epoch sums are all in the checkpoint. So a run resumed from any checkpoint
-follows exactly the path of an uninterrupted run: bitwise on the same
-machine, same thread count.
+Protocol (issue 13): ``config.epochs`` counts epochs' worth of parameter
+updates; the alternate m-(A)RWP scheme (one update per two batches) reads
+``2 * epochs`` data epochs for the same updates, as the official script
+does. The LR scheduler (and the sigma schedule) step once per UPDATE, read
+from the optimizer's ``last_step_updated`` flag, and ``step`` in metrics
+and checkpoints counts updates.
+
+Reproducibility: the data order of data epoch ``e`` is a permutation drawn
+from a generator seeded with ``(seed, e)``, and the augmentation of batch
+``b`` from one seeded with ``(seed, e, b)``; the model, optimizer (with its
+noise generator), scheduler, global RNG state, position in the epoch,
+running epoch sums and curvature-tracking state are all in the checkpoint.
+So a run resumed from any checkpoint follows exactly the path of an
+uninterrupted run: bitwise on the same machine, same thread count.
+
+The pipeline of :func:`train` is a few named steps: ``_prepare`` (settings,
+data, model; nothing written), ``_open_run`` (run directory and lock),
+``_build_state`` (optimizer, schedules, resume), then per data epoch
+``_train_epoch`` and ``_end_epoch``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +36,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flatness import distributed
 from flatness.checkpoint import read_checkpoint_file, save_checkpoint
 from flatness.data import Dataset, load_dataset
 from flatness.device import resolve_device
+from flatness.distributed import DistInfo
 from flatness.errors import FlatnessError
 from flatness.models import build_model
 from flatness.models.registry import default_model_kwargs
 from flatness.progress import progress
 from flatness.training.config import TrainConfig
 from flatness.training.methods import MethodSpec, check_method
-from flatness.training.rundir import RunDir, check_resume_config, prepare_run_dir
+from flatness.training.parallel import TrainParallel
+from flatness.training.rundir import RunDir, check_resume_config, open_run_dir
 from flatness.training.schedule import make_scheduler
+from flatness.training.tracking import CurvatureTracker
+
+__all__ = ["MethodSpec", "TrainResult", "TrainingDiverged", "evaluate", "split_validation", "train"]
 
 
 class TrainingDiverged(FlatnessError):
@@ -58,6 +78,24 @@ def _epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(_seed_for(seed, epoch)))
 
 
+def split_validation(n: int, val_split: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices ``(train, val)`` of ``n`` training samples with ``val_split`` held out.
+
+    The held-out samples are the first ``val_split`` of a permutation seeded
+    by ``seed`` alone (not by the method), so every method of a study with
+    the same seed sees the same validation split. Both index sets are sorted.
+
+    Raises:
+        FlatnessError: ``val_split`` leaves no training samples.
+    """
+    if val_split >= n:
+        raise FlatnessError(f"--val-split {val_split} leaves no training samples (the training split has {n}); pass fewer")
+    if val_split == 0:
+        return torch.arange(n), torch.arange(0)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed_for(seed, -1)))
+    return perm[val_split:].sort().values, perm[:val_split].sort().values
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> tuple[float, float]:
     """Mean cross-entropy and accuracy (%) of ``model`` in eval mode."""
@@ -78,29 +116,27 @@ class _Closure:
     """Forward + backward on one batch; remembers the first gradient pass's loss and logits.
 
     For per-sample methods (delta-SAM) it returns the per-sample losses and
-    leaves the backward to the optimizer.
+    leaves the backward to the optimizer. Passes run through ``par.module``
+    (the DDP wrapper under torchrun), inside ``par.pass_context``.
     """
 
-    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, spec: MethodSpec, after_backward: Callable[[], None] | None) -> None:
-        self.model, self.x, self.y, self.spec = model, x, y, spec
-        self.after_backward = after_backward
+    def __init__(self, par: TrainParallel, x: Tensor, y: Tensor, spec: MethodSpec) -> None:
+        self.par, self.x, self.y, self.spec = par, x, y, spec
+        self.calls = 0
         self.first_loss: Tensor | None = None
         self.first_logits: Tensor | None = None
 
     def __call__(self) -> Tensor:
-        out = self.model(self.x)
-        if self.spec.per_sample_loss:
-            losses = F.cross_entropy(out, self.y, reduction="none")
-            loss = losses
-        else:
-            loss = F.cross_entropy(out, self.y)
-        if self.first_loss is None and torch.is_grad_enabled():  # delta-SAM's probes run without grad
-            self.first_loss = loss.detach().mean()
-            self.first_logits = out.detach()
-        if not self.spec.per_sample_loss:
-            loss.backward()
-            if self.after_backward is not None:
-                self.after_backward()
+        with self.par.pass_context(self.calls):
+            self.calls += 1
+            out = self.par.module(self.x)
+            per_sample = self.spec.per_sample_loss
+            loss = F.cross_entropy(out, self.y, reduction="none" if per_sample else "mean")
+            if self.first_loss is None and torch.is_grad_enabled():  # delta-SAM's probes run without grad
+                self.first_loss = loss.detach().mean()
+                self.first_logits = out.detach()
+            if not per_sample:
+                loss.backward()
         return loss
 
 
@@ -117,7 +153,7 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# What a checkpoint must hold for ``--resume`` (see ``payload`` in :func:`train`).
+# What a checkpoint must hold for ``--resume`` (see :func:`_payload`).
 RESUME_KEYS = ("state_dict", "optimizer", "scheduler", "rng", "epoch", "step", "batch_in_epoch", "epoch_sums", "metrics")
 
 
@@ -148,8 +184,57 @@ def _checked_model(config: TrainConfig, ds: Dataset, dev: torch.device) -> nn.Mo
     return model
 
 
-def _resolve_model_kwargs(config: TrainConfig, ds: Dataset) -> dict[str, Any]:
-    return {**default_model_kwargs(config.model, ds.num_classes, ds.input_shape), **config.model_kwargs}
+@dataclass
+class _Data:
+    """The run's tensors on the training device; ``train_idx`` excludes the validation split."""
+
+    x: Tensor
+    y: Tensor
+    train_idx: Tensor
+    val: tuple[Tensor, Tensor] | None
+    test: tuple[Tensor, Tensor]
+    augment: Callable[[Tensor, torch.Generator], Tensor] | None
+
+    @property
+    def n(self) -> int:
+        return int(self.train_idx.shape[0])
+
+
+@dataclass
+class _Session:
+    """What every step of a run reads: settings, method, device, processes, data, run directory."""
+
+    config: TrainConfig
+    spec: MethodSpec
+    dev: torch.device
+    info: DistInfo
+    model: nn.Module
+    data: _Data
+    quiet: bool = True
+    on_epoch: Callable[[dict[str, Any]], None] | None = None
+    run: RunDir = field(default_factory=lambda: RunDir(Path(".")))
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.data.n / self.config.batch_size)
+
+
+@dataclass
+class _State:
+    """What the loop advances and a checkpoint holds."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    par: TrainParallel
+    tracker: CurvatureTracker | None
+    sigma_schedule: Any = None
+    epoch: int = 0  # data epochs done
+    step: int = 0  # updates done
+    batch_in_epoch: int = 0
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    acc: Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))  # loss sum, correct, count
+    bad_step: Tensor = field(default_factory=lambda: torch.full((), -1, dtype=torch.int64))
+    seconds: float = 0.0  # training wall time so far (all sessions of the run)
 
 
 def train(
@@ -165,178 +250,280 @@ def train(
     """Train ``config.model`` on ``config.data`` with ``config.method``; write a run directory.
 
     Args:
-        config: all settings (validated here).
+        config: all settings (validated when it was built).
         out: the run directory (DESIGN.md section 6).
         device: ``auto``, ``cpu``, ``cuda``.
         resume: continue the run in ``out`` from ``checkpoints/last.pt``.
-        force: replace an existing run directory.
+        force: replace an existing run directory (only once it is known to be writable).
         quiet: no progress bar.
-        on_epoch: called with each epoch's metrics dict.
+        on_epoch: called with each data epoch's metrics dict.
 
     Raises:
         FlatnessError: bad settings, an existing ``out`` without
-            ``resume``/``force``, a resume with different settings.
+            ``resume``/``force``, a resume with different settings or fewer
+            epochs than done, a run in use by another process.
         TrainingDiverged: the loss became NaN/inf (names epoch and step).
     """
-    from flatness import distributed
-
-    config.validate()
     spec = check_method(config)
     dev = distributed.local_device(resolve_device(device))
-    dist_info = distributed.init_from_env(dev)
-    from flatness.training.parallel import TrainParallel
+    with distributed.process_group(dev) as info:
+        s = _prepare(config, spec, dev, info)
+        s.quiet, s.on_epoch = quiet, on_epoch
+        with _open_run(out, resume=resume, force=force, info=info) as (run, resuming):
+            s.run = run
+            state = _build_state(s, resuming)
+            t_start = time.perf_counter()
+            for epoch in range(state.epoch, s.config.data_epochs):
+                _train_epoch(s, state, epoch)
+                _end_epoch(s, state, epoch)
+            _save(s, state, run.final)
+            return TrainResult(run.root, run.final, state.metrics, time.perf_counter() - t_start)
 
-    TrainParallel.check(config, dist_info)
+
+def _prepare(config: TrainConfig, spec: MethodSpec, dev: torch.device, info: DistInfo) -> _Session:
+    """Data, model and settings checks: everything that can fail before the run directory is touched."""
+    TrainParallel.check(config, info)
     ds = load_dataset(config.data, config.data_dir, cutout=config.cutout, augment=config.augment)
-    config.model_kwargs = _resolve_model_kwargs(config, ds)
+    kwargs = {**default_model_kwargs(config.model, ds.num_classes, ds.input_shape), **config.model_kwargs}
+    config = dataclasses.replace(config, model_kwargs=kwargs)
     torch.manual_seed(config.seed)
-    model = _checked_model(config, ds, dev)  # before the run directory is touched: a bad model leaves nothing behind
+    model = _checked_model(config, ds, dev)
+    train_idx, val_idx = split_validation(len(ds.train), config.val_split, config.seed)
+    x, y = ds.train.x.to(dev), ds.train.y.to(dev)
+    val = (x[val_idx.to(dev)], y[val_idx.to(dev)]) if config.val_split else None
+    data = _Data(x, y, train_idx.to(dev), val, (ds.test.x.to(dev), ds.test.y.to(dev)), ds.augment)
+    return _Session(config, spec, dev, info, model, data)
 
-    if dist_info.is_main:
-        run, resuming = prepare_run_dir(out, resume=resume, force=force)
-    else:
-        run, resuming = RunDir(Path(out)), resume and (Path(out) / "checkpoints" / "last.pt").exists()
-    if dist_info.active:
-        torch.distributed.barrier()
-    if resume and run.config.exists():
-        check_resume_config(run.read_config(), config.to_dict(), run.root)
 
-    par = TrainParallel.create(model, config, dist_info)
-    optimizer = spec.build(model, config)
-    train_x, train_y = ds.train.x.to(dev), ds.train.y.to(dev)
-    test_x, test_y = ds.test.x.to(dev), ds.test.y.to(dev)
-    n = train_y.shape[0]
-    batches_per_epoch = math.ceil(n / config.batch_size)
-    scheduler = make_scheduler(optimizer, config, batches_per_epoch)
-    sigma_schedule = None
+@contextlib.contextmanager
+def _open_run(out: str | Path, *, resume: bool, force: bool, info: DistInfo) -> Iterator[tuple[RunDir, bool]]:
+    """Rank 0 creates (and locks) the run directory; the other ranks wait for it."""
+    if info.is_main:
+        with open_run_dir(out, resume=resume, force=force) as (run, resuming):
+            if info.active:
+                torch.distributed.barrier()
+            yield run, resuming
+        return
+    torch.distributed.barrier()
+    run = RunDir(Path(out))
+    yield run, resume and run.last.exists()
 
-    start_epoch, step, batch_start = 0, 0, 0
-    metrics: list[dict[str, Any]] = []
-    acc = torch.zeros(3, dtype=torch.float64, device=dev)  # loss sum, correct, count of the epoch so far
+
+def _build_state(s: _Session, resuming: bool) -> _State:
+    """Optimizer, schedules, tracker; the checkpoint's state on resume; config.json written."""
+    c, run = s.config, s.run
+    saved = run.read_config() if run.config.exists() else None
+    if saved is not None:
+        check_resume_config(saved, _config_record(s), run.root)
+    optimizer = s.spec.build(s.model, c)
+    scheduler = make_scheduler(optimizer, c, s.batches_per_epoch)
+    tracker = None
+    if c.track_curvature:
+        xb, yb = s.data.x[: c.track_samples], s.data.y[: c.track_samples]
+        tracker = CurvatureTracker(c.track_curvature, c.track_trace, (xb, yb))
+    state = _State(optimizer, scheduler, TrainParallel(s.model, s.info), tracker)
+    state.acc, state.bad_step = state.acc.to(s.dev), state.bad_step.to(s.dev)
     if resuming:
-        # Everything is loaded and checked before the first write, so a last.pt that does not
-        # belong to this run (or carries a pickle payload) changes nothing on disk.
-        ckpt = read_checkpoint_file(run.last, map_location=dev)
-        missing = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-        if missing:
-            raise FlatnessError(f"--resume: {run.last} is not a training checkpoint (it lacks {', '.join(missing)})")
-        if isinstance(ckpt.get("config"), dict):
-            check_resume_config(ckpt["config"], config.to_dict(), run.root, what=f"those {run.last} was written with")
-        try:
-            model.load_state_dict(ckpt["state_dict"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            _set_rng_state(ckpt["rng"], dev)
-            start_epoch, step, batch_start = int(ckpt["epoch"]), int(ckpt["step"]), int(ckpt["batch_in_epoch"])
-            metrics = list(ckpt["metrics"])
-            acc = ckpt["epoch_sums"].to(dev)
-        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FlatnessError(f"--resume: {run.last} does not fit this run's {config.model} / {config.method}: {detail}") from None
-    if dist_info.is_main:
-        run.write_config(config.to_dict())
+        _restore(s, state, _read_resume_checkpoint(s))
+    state.sigma_schedule = _sigma_schedule(c, optimizer, s.batches_per_epoch, state.step)
+    state.par = TrainParallel.create(s.model, c, s.info, per_rank_first_pass=s.spec.per_rank_first_pass)
+    if s.info.is_main:
+        run.write_config(_config_record(s))
         if resuming:
-            run.write_metrics(metrics)
+            _write_rows(s, state)
+    return state
 
-    def payload(epoch: int, batch_in_epoch: int) -> dict[str, Any]:
-        return {
-            "model": config.model,
-            "model_kwargs": config.model_kwargs,
-            "dataset": config.data,
-            "method": config.method,
-            "config": config.to_dict(),
-            "state_dict": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(dev),
-            "epoch": epoch,
-            "step": step,
-            "batch_in_epoch": batch_in_epoch,
-            "epoch_sums": acc.detach().cpu().clone(),
-            "metrics": metrics,
-        }
 
-    def save(path: Path, epoch: int, batch_in_epoch: int) -> None:
-        if dist_info.is_main:
-            try:
-                save_checkpoint(path, payload(epoch, batch_in_epoch))
-            except OSError as e:
-                raise FlatnessError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint is kept") from None
+def _config_record(s: _Session) -> dict[str, Any]:
+    """``config.json``: every setting, plus the protocol's derived counts."""
+    return {**s.config.to_dict(), **s.config.protocol(s.batches_per_epoch)}
 
-    def check_finite(epoch: int, *, weights: bool = False) -> None:
-        """Losses so far (and, before a mid-epoch checkpoint, the weights it would hold) are finite."""
-        last_good = run.last if run.last.exists() else "none"
-        if bool(bad_step >= 0):
-            raise TrainingDiverged(
-                f"training diverged: the loss became NaN or infinite at epoch {epoch + 1}, step {int(bad_step)}; "
-                f"the last good checkpoint is {last_good}"
-            )
-        if weights and not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
-            raise TrainingDiverged(
-                f"training diverged: the weights became NaN or infinite at epoch {epoch + 1}, step {step}; "
-                f"the last good checkpoint is {last_good}"
-            )
 
-    if config.sigma_inc != 0.0:
-        from flatness.optim import CosineInc
+def _sigma_schedule(c: TrainConfig, optimizer: torch.optim.Optimizer, batches_per_epoch: int, step: int) -> Any:
+    """CosineInc over the run's updates: ``--sigma-inc``, or the official ``--incstd``.
 
-        sigma_schedule = CosineInc(optimizer, config.epochs * batches_per_epoch, config.sigma_inc, last_step=step)
-    t_start = time.perf_counter()
-    model.train()
-    bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
-    for epoch in range(start_epoch, config.epochs):
-        t_epoch = time.perf_counter()
-        order = _epoch_order(n, config.seed, epoch).to(dev)
-        bar = progress(range(batch_start, batches_per_epoch), quiet=quiet, desc=f"epoch {epoch + 1}/{config.epochs}")
-        for b in bar:
-            idx = par.local_indices(order[b * config.batch_size : (b + 1) * config.batch_size])
-            x, y = train_x[idx], train_y[idx]
-            if ds.augment is not None:
-                g = torch.Generator(device=dev).manual_seed(_seed_for(config.seed, epoch, b))
-                x = ds.augment(x, g)
-            closure = _Closure(model, x, y, spec, par.after_backward)
-            optimizer.zero_grad(set_to_none=True)
-            optimizer.step(closure)
-            scheduler.step()
-            if sigma_schedule is not None:
-                sigma_schedule.step()
-            step += 1
-            loss = closure.first_loss
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), torch.full_like(bad_step, step), bad_step)
-            acc[0] += loss.double() * y.shape[0]
-            acc[1] += (closure.first_logits.argmax(1) == y).sum()
-            acc[2] += y.shape[0]
-            if config.save_every and step % config.save_every == 0 and b + 1 < batches_per_epoch:
-                check_finite(epoch, weights=True)
-                save(run.last, epoch, b + 1)
-        batch_start = 0
-        check_finite(epoch)
-        par.sync_buffers()
-        sums = par.reduce_sums(acc)
-        test_loss, test_acc = evaluate(model, test_x, test_y)
-        if not math.isfinite(test_loss):
-            raise TrainingDiverged(
-                f"training diverged: the test loss is {test_loss} after epoch {epoch + 1}, step {step}; "
-                f"the last good checkpoint is {run.last if run.last.exists() else 'none'}"
-            )
-        row = {
-            "epoch": epoch + 1,
-            "step": step,
-            "lr": scheduler.get_last_lr()[0],
-            "train_loss": float(sums[0] / sums[2]),
-            "train_acc": float(100.0 * sums[1] / sums[2]),
-            "test_loss": test_loss,
-            "test_acc": test_acc,
-            "seconds": time.perf_counter() - t_epoch,
-        }
-        metrics.append(row)
-        acc.zero_()
-        if config.keep_epochs:
-            save(run.epoch(epoch + 1), epoch + 1, 0)
-        save(run.last, epoch + 1, 0)
-        if dist_info.is_main:
-            run.write_metrics(metrics)
-        if on_epoch is not None:
-            on_epoch(row)
-    save(run.final, config.epochs, 0)
-    return TrainResult(run.root, run.final, metrics, time.perf_counter() - t_start)
+    ``--incstd`` (nblt/mARWP): sigma rises from ``weight_decay`` to ``sigma``,
+    :math:`\\sigma_t = wd\\,(1 + (\\sigma/wd - 1)(1 - \\cos(\\pi t/T))/2)`.
+    """
+    if c.sigma_inc == 0.0 and not c.incstd:
+        return None
+    from flatness.optim import CosineInc
+
+    inc = c.sigma_inc
+    if c.incstd:
+        for group in optimizer.param_groups:
+            group.setdefault("initial_sigma", c.weight_decay)
+        inc = c.sigma / c.weight_decay - 1.0
+    return CosineInc(optimizer, c.epochs * batches_per_epoch, inc, last_step=step)
+
+
+def _read_resume_checkpoint(s: _Session) -> dict[str, Any]:
+    """``last.pt``, checked against this run before anything is written."""
+    c, last = s.config, s.run.last
+    ckpt = read_checkpoint_file(last, map_location=s.dev)
+    missing = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise FlatnessError(f"--resume: {last} is not a training checkpoint (it lacks {', '.join(missing)})")
+    if isinstance(ckpt.get("config"), dict):
+        check_resume_config(ckpt["config"], _config_record(s), s.run.root, what=f"those {last} was written with")
+    if int(ckpt["step"]) > c.epochs * s.batches_per_epoch or int(ckpt["epoch"]) > c.data_epochs:
+        done = ckpt.get("config", {}).get("epochs", "more")
+        raise FlatnessError(
+            f"--resume: the run in {s.run.root} has already trained {done} epochs ({int(ckpt['step'])} updates); "
+            f"--epochs {c.epochs} is fewer: pass --epochs {done} or more, or start a new run with another --out"
+        )
+    return ckpt
+
+
+def _restore(s: _Session, state: _State, ckpt: dict[str, Any]) -> None:
+    try:
+        s.model.load_state_dict(ckpt["state_dict"])
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+        state.scheduler.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"], s.dev)
+        state.epoch, state.step, state.batch_in_epoch = int(ckpt["epoch"]), int(ckpt["step"]), int(ckpt["batch_in_epoch"])
+        state.metrics = list(ckpt["metrics"])
+        state.acc = ckpt["epoch_sums"].to(s.dev)
+        state.seconds = float(ckpt.get("train_seconds", 0.0))
+        if state.tracker is not None and ckpt.get("curvature") is not None:
+            state.tracker.load_state_dict(ckpt["curvature"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FlatnessError(f"--resume: {s.run.last} does not fit this run's {s.config.model} / {s.config.method}: {detail}") from None
+
+
+def _payload(s: _Session, state: _State) -> dict[str, Any]:
+    c = s.config
+    return {
+        "model": c.model,
+        "model_kwargs": c.model_kwargs,
+        "dataset": c.data,
+        "method": c.method,
+        "config": _config_record(s),
+        "state_dict": s.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "rng": _rng_state(s.dev),
+        "epoch": state.epoch,
+        "step": state.step,
+        "batch_in_epoch": state.batch_in_epoch,
+        "epoch_sums": state.acc.detach().cpu().clone(),
+        "metrics": state.metrics,
+        "train_seconds": state.seconds,
+        "curvature": state.tracker.state_dict() if state.tracker is not None else None,
+    }
+
+
+def _save(s: _Session, state: _State, path: Path) -> None:
+    if not s.info.is_main:
+        return
+    try:
+        save_checkpoint(path, _payload(s, state))
+    except OSError as e:
+        raise FlatnessError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint is kept") from None
+
+
+def _write_rows(s: _Session, state: _State) -> None:
+    s.run.write_metrics(state.metrics)
+    if state.tracker is not None:
+        s.run.write_jsonl(s.run.curvature, state.tracker.rows)
+
+
+def _check_finite(s: _Session, state: _State, epoch: int, *, weights: bool = False) -> None:
+    """Losses so far (and, before a mid-epoch checkpoint, the weights it would hold) are finite."""
+    last_good = s.run.last if s.run.last.exists() else "none"
+    if bool(state.bad_step >= 0):
+        raise TrainingDiverged(
+            f"training diverged: the loss became NaN or infinite at epoch {epoch + 1}, step {int(state.bad_step)}; "
+            f"the last good checkpoint is {last_good}"
+        )
+    if weights and not bool(torch.stack([torch.isfinite(p).all() for p in s.model.parameters()]).all()):
+        raise TrainingDiverged(
+            f"training diverged: the weights became NaN or infinite at epoch {epoch + 1}, step {state.step}; "
+            f"the last good checkpoint is {last_good}"
+        )
+
+
+def _batch(s: _Session, order: Tensor, epoch: int, b: int, par: TrainParallel) -> tuple[Tensor, Tensor]:
+    bs = s.config.batch_size
+    idx = par.local_indices(s.data.train_idx[order[b * bs : (b + 1) * bs]])
+    x, y = s.data.x[idx], s.data.y[idx]
+    if s.data.augment is not None:
+        x = s.data.augment(x, torch.Generator(device=s.dev).manual_seed(_seed_for(s.config.seed, epoch, b)))
+    return x, y
+
+
+def _train_epoch(s: _Session, state: _State, epoch: int) -> None:
+    """One pass over the training data from ``state.batch_in_epoch``: one ``opt.step`` per batch."""
+    c, opt = s.config, state.optimizer
+    t_epoch = time.perf_counter()
+    order = _epoch_order(s.data.n, c.seed, epoch).to(s.dev)
+    s.model.train()
+    bar = progress(range(state.batch_in_epoch, s.batches_per_epoch), quiet=s.quiet, desc=f"epoch {epoch + 1}/{c.data_epochs}")
+    for b in bar:
+        x, y = _batch(s, order, epoch, b, state.par)
+        closure = _Closure(state.par, x, y, s.spec)
+        opt.zero_grad(set_to_none=True)
+        opt.step(closure)
+        updated = getattr(opt, "last_step_updated", True)
+        step_of_batch = state.step + 1  # the update this batch belongs to
+        loss = closure.first_loss
+        state.bad_step = torch.where((state.bad_step < 0) & ~torch.isfinite(loss), torch.full_like(state.bad_step, step_of_batch), state.bad_step)
+        state.acc += torch.stack([loss.double() * y.shape[0], (closure.first_logits.argmax(1) == y).sum().double(), state.acc.new_tensor(y.shape[0])])
+        state.batch_in_epoch = b + 1
+        if updated:
+            _after_update(s, state, epoch)
+    state.seconds += time.perf_counter() - t_epoch
+
+
+def _after_update(s: _Session, state: _State, epoch: int) -> None:
+    """Schedules, curvature tracking and the ``--save-every`` checkpoint after each update."""
+    state.step += 1
+    state.scheduler.step()
+    if state.sigma_schedule is not None:
+        state.sigma_schedule.step()
+    if state.tracker is not None and state.tracker.due(state.step) and s.info.is_main:
+        _check_finite(s, state, epoch, weights=True)
+        state.tracker.measure(s.model, state.step)
+        s.model.train()
+    every = s.config.save_every
+    if every and state.step % every == 0 and state.batch_in_epoch < s.batches_per_epoch:
+        _check_finite(s, state, epoch, weights=True)
+        _save(s, state, s.run.last)
+
+
+def _end_epoch(s: _Session, state: _State, epoch: int) -> None:
+    """Evaluate, append the metrics row, checkpoint, call ``on_epoch``."""
+    _check_finite(s, state, epoch)
+    state.par.sync_buffers()
+    sums = state.par.reduce_sums(state.acc)
+    test_loss, test_acc = evaluate(s.model, *s.data.test)
+    if not math.isfinite(test_loss):
+        raise TrainingDiverged(
+            f"training diverged: the test loss is {test_loss} after epoch {epoch + 1}, step {state.step}; "
+            f"the last good checkpoint is {s.run.last if s.run.last.exists() else 'none'}"
+        )
+    row = {
+        "epoch": epoch + 1,
+        "step": state.step,
+        "lr": state.scheduler.get_last_lr()[0],
+        "train_loss": float(sums[0] / sums[2]),
+        "train_acc": float(100.0 * sums[1] / sums[2]),
+        "test_loss": test_loss,
+        "test_acc": test_acc,
+        "seconds": state.seconds - sum(r["seconds"] for r in state.metrics),
+    }
+    if s.data.val is not None:
+        row["val_loss"], row["val_acc"] = evaluate(s.model, *s.data.val)
+    if state.tracker is not None:
+        row["curvature_fraction"] = state.tracker.seconds / max(state.seconds, 1e-12)
+    state.metrics.append(row)
+    state.acc.zero_()
+    state.epoch, state.batch_in_epoch = epoch + 1, 0
+    if s.config.keep_epochs:
+        _save(s, state, s.run.epoch(epoch + 1))
+    _save(s, state, s.run.last)
+    if s.info.is_main:
+        _write_rows(s, state)
+    if s.on_epoch is not None:
+        s.on_epoch(row)

@@ -27,12 +27,15 @@ class MethodSpec:
         per_sample_loss: the closure returns per-sample losses (delta-SAM).
         grad_evals: gradient evaluations per update (for budgets in reports).
         hyper: the config fields the method uses (recorded in reports).
+        per_rank_first_pass: data-parallel runs take the first pass's gradient
+            per rank, without averaging (SAM family; see :mod:`flatness.training.parallel`).
     """
 
     build: Callable[[nn.Module, TrainConfig], torch.optim.Optimizer]
     per_sample_loss: bool = False
     grad_evals: int = 1
     hyper: tuple[str, ...] = ()
+    per_rank_first_pass: bool = False
 
 
 def _sgd(model: nn.Module, c: TrainConfig) -> torch.optim.Optimizer:
@@ -70,10 +73,9 @@ def check_method(config: TrainConfig) -> MethodSpec:
     if config.parallel_roles and config.method not in ("m-rwp", "m-arwp"):
         raise FlatnessError(f"--parallel-roles is for m-rwp and m-arwp, not {config.method!r}")
     spec.build(nn.Linear(1, 1), probe)
-    if config.sigma_inc != 0.0 and "sigma_inc" not in spec.hyper:
-        raise FlatnessError(f"--sigma-inc is for the RWP family, not {config.method!r}")
-    if config.sigma_inc < -1.0:
-        raise FlatnessError(f"--sigma-inc must be >= -1, got {config.sigma_inc}")
+    for flag, used in (("sigma-inc", config.sigma_inc != 0.0), ("incstd", config.incstd)):
+        if used and "sigma_inc" not in spec.hyper:
+            raise FlatnessError(f"--{flag} is for the RWP family, not {config.method!r}")
     return spec
 
 

@@ -33,8 +33,6 @@ def _checked(build):  # noqa: ANN001, ANN202 - decorator over builders
     """Turn the optimizers' ValueError for a bad hyperparameter into a one-line user error."""
 
     def wrapped(model: nn.Module, c: TrainConfig) -> torch.optim.Optimizer:
-        if c.parallel_roles and c.method not in ("m-rwp", "m-arwp"):
-            raise FlatnessError(f"--parallel-roles is for m-rwp and m-arwp, not {c.method!r}")
         try:
             return build(model, c)
         except ValueError as e:
@@ -48,9 +46,24 @@ def _sam(model: nn.Module, c: TrainConfig) -> torch.optim.Optimizer:
     return optim.SAM(model.parameters(), torch.optim.SGD, rho=c.rho, **_common(model, c))
 
 
+def asam_param_groups(model: nn.Module) -> list[dict]:
+    """ASAM's groups as in the official code (Kwon et al. 2021, SamsungLabs/ASAM).
+
+    Weights of two or more dimensions get the adaptive scaling
+    :math:`T_w = |w| + \\eta`; biases and BatchNorm parameters (every 1-D
+    tensor) are perturbed without it (``"adaptive": False``, :math:`T_w = 1`).
+    Empty groups are left out.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    scaled = [p for p in params if p.ndim > 1]
+    plain = [p for p in params if p.ndim <= 1]
+    groups: list[dict] = [{"params": scaled}] if scaled else []
+    return groups + ([{"params": plain, "adaptive": False}] if plain else [])
+
+
 @_checked
 def _asam(model: nn.Module, c: TrainConfig) -> torch.optim.Optimizer:
-    return optim.ASAM(model.parameters(), torch.optim.SGD, rho=c.rho, adaptive_eta=c.adaptive_eta, **_common(model, c))
+    return optim.ASAM(asam_param_groups(model), torch.optim.SGD, rho=c.rho, adaptive_eta=c.adaptive_eta, **_common(model, c))
 
 
 @_checked
@@ -88,8 +101,8 @@ def _marwp(model: nn.Module, c: TrainConfig) -> torch.optim.Optimizer:
 
 
 OPTIM_METHODS: dict[str, MethodSpec] = {
-    "sam": MethodSpec(_sam, grad_evals=2, hyper=("rho",)),
-    "asam": MethodSpec(_asam, grad_evals=2, hyper=("rho", "adaptive_eta")),
+    "sam": MethodSpec(_sam, grad_evals=2, hyper=("rho",), per_rank_first_pass=True),
+    "asam": MethodSpec(_asam, grad_evals=2, hyper=("rho", "adaptive_eta"), per_rank_first_pass=True),
     "delta-sam": MethodSpec(_delta_sam, per_sample_loss=True, grad_evals=2, hyper=("rho", "temperature")),
     "rwp": MethodSpec(_rwp, grad_evals=1, hyper=("sigma", "sigma_inc")),
     "arwp": MethodSpec(_arwp, grad_evals=1, hyper=("sigma", "sigma_inc", "eta", "beta")),

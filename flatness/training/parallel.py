@@ -1,38 +1,63 @@
-"""Data-parallel training under ``torchrun``: the glue the loop needs.
+"""Data-parallel training under ``torchrun`` through :class:`torch.nn.parallel.DistributedDataParallel`.
 
-Each rank takes every ``world_size``-th sample of the global batch, and the
-gradients are averaged with one coalesced all-reduce after each backward,
-so every rank applies the same update (the optimizers draw their noise from
-identically seeded generators, so perturbations agree too). BatchNorm
-buffers are averaged at the end of each epoch. With one process every hook
-is a no-op.
+Each rank takes every ``world_size``-th sample of the global batch and runs
+its passes through a DDP wrapper, which all-reduces (averages) the
+gradients in buckets overlapped with backward, so every rank applies the
+same update (the optimizers draw their noise from identically seeded
+generators, so random perturbations agree too).
+
+- SAM family (SAM, ASAM): the first (ascent) pass runs under
+  ``no_sync()``, so each rank perturbs its weights by its own gradient and
+  only the second pass is averaged: the per-rank perturbation of Foret et
+  al. 2021 ("m-sharpness"), as davda54/sam documents for DDP.
+- RWP family: every pass is averaged (the perturbed gradient, and for
+  m-(A)RWP the clean one as well).
+- ``--parallel-roles``: the two-role m-(A)RWP does its own all-reduce and
+  buffer sync; no DDP wrapper.
+
+``gradient_as_bucket_view=True`` (gradients live in DDP's buckets, no
+extra copy), except for m-(A)RWP: the optimizer keeps the clean gradient
+tensor itself aside while the perturbed pass runs, and a bucket view would
+be overwritten by that pass. BatchNorm buffers are not broadcast per
+forward; they are averaged at the end of each epoch. With one process
+every hook is a no-op.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from flatness.distributed import DistInfo
 from flatness.errors import FlatnessError
 from flatness.training.config import TrainConfig
 
+#: Methods whose optimizer holds the first pass's gradient tensors across the second pass.
+KEEPS_CLEAN_GRADIENT = ("m-rwp", "m-arwp")
+
 
 @dataclass
 class TrainParallel:
-    """Per-rank batch slicing and gradient / buffer averaging.
+    """Per-rank batch slicing, the DDP wrapper, and buffer / metric averaging.
 
-    With ``--parallel-roles`` the optimizer (:class:`flatness.optim.ParallelMARWP`)
-    does its own all-reduce (clean and perturbed roles) and buffer sync, so
-    only the batch slicing and the metric sums are left here.
+    Attributes:
+        model: the network itself (evaluation, checkpoints, the optimizer).
+        info: rank and world size.
+        ddp: the DDP wrapper the training passes run through (None with one
+            process or with ``--parallel-roles``).
+        per_rank_first_pass: run the first pass of each step without
+            gradient averaging (SAM family).
     """
 
     model: nn.Module
     info: DistInfo
-    roles: bool = False
+    ddp: DistributedDataParallel | None = None
+    per_rank_first_pass: bool = False
 
     @staticmethod
     def check(config: TrainConfig, info: DistInfo) -> None:
@@ -45,30 +70,40 @@ class TrainParallel:
             raise FlatnessError("delta-sam does not run data-parallel yet; run it in one process")
 
     @classmethod
-    def create(cls, model: nn.Module, config: TrainConfig, info: DistInfo) -> TrainParallel:
+    def create(cls, model: nn.Module, config: TrainConfig, info: DistInfo, *, per_rank_first_pass: bool = False) -> TrainParallel:
+        """Wrap ``model`` (DDP broadcasts rank 0's parameters and buffers to every rank)."""
         cls.check(config, info)
-        if info.active:
+        if not info.active:
+            return cls(model, info)
+        if config.parallel_roles:
             for t in list(model.parameters()) + list(model.buffers()):  # start every rank from rank 0's state
                 dist.broadcast(t.data, 0)
-        return cls(model, info, config.parallel_roles)
+            return cls(model, info)
+        ddp = DistributedDataParallel(
+            model,
+            broadcast_buffers=False,
+            gradient_as_bucket_view=config.method not in KEEPS_CLEAN_GRADIENT,
+        )
+        return cls(model, info, ddp, per_rank_first_pass)
+
+    @property
+    def module(self) -> nn.Module:
+        """What the training passes call: the DDP wrapper, or the model itself."""
+        return self.ddp if self.ddp is not None else self.model
+
+    def pass_context(self, pass_index: int) -> contextlib.AbstractContextManager:
+        """``no_sync()`` for the SAM family's first pass, nothing otherwise."""
+        if self.ddp is not None and self.per_rank_first_pass and pass_index == 0:
+            return self.ddp.no_sync()
+        return contextlib.nullcontext()
 
     def local_indices(self, idx: Tensor) -> Tensor:
         if not self.info.active:
             return idx
         return idx[self.info.rank :: self.info.world_size]
 
-    def after_backward(self) -> None:
-        if not self.info.active or self.roles:
-            return
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.info.world_size
-        for g, part in zip(grads, torch.split(flat, [g.numel() for g in grads])):
-            g.copy_(part.view_as(g))
-
     def sync_buffers(self) -> None:
-        if not self.info.active or self.roles:
+        if self.ddp is None:
             return
         for buf in self.model.buffers():
             if buf.is_floating_point():
@@ -81,3 +116,13 @@ class TrainParallel:
         out = sums.clone()
         dist.all_reduce(out)
         return out
+
+
+def allreduce_gradients(model: nn.Module, world_size: int) -> None:
+    """The previous engine, kept for ``benchmarks/ddp.py``: one coalesced all-reduce after backward."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    for g, part in zip(grads, torch.split(flat, [g.numel() for g in grads])):
+        g.copy_(part.view_as(g))

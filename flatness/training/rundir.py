@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +17,8 @@ from flatness.atomic import atomic_write_text
 from flatness.errors import FlatnessError
 
 # Settings that may change between a run and its resume (they do not change the numbers).
-RESUMABLE_CHANGES = ("epochs", "save_every", "keep_epochs")
+RESUMABLE_CHANGES = ("epochs", "updates", "data_epochs", "save_every", "keep_epochs")
+LOCK_NAME = ".lock"
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,14 @@ class RunDir:
         return self.checkpoints / "last.pt"
 
     @property
+    def curvature(self) -> Path:
+        return self.root / "curvature.jsonl"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_NAME
+
+    @property
     def final(self) -> Path:
         return self.root / "final.pt"
 
@@ -60,7 +74,12 @@ class RunDir:
         return config
 
     def write_metrics(self, metrics: list[dict[str, Any]]) -> None:
-        atomic_write_text(self.metrics, "".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
+        self.write_jsonl(self.metrics, metrics)
+
+    @staticmethod
+    def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+        """One JSON object per line, rewritten whole (atomically) from the checkpoint's list."""
+        atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
 def _leftovers_only(root: Path) -> bool:
@@ -68,7 +87,7 @@ def _leftovers_only(root: Path) -> bool:
     for entry in root.iterdir():
         if entry.name == "checkpoints" and entry.is_dir() and not any(entry.iterdir()):
             continue
-        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+        if entry.name == LOCK_NAME or (entry.name.startswith(".") and entry.name.endswith(".tmp")):
             continue
         return False
     return True
@@ -82,8 +101,75 @@ def remove_temp_files(run: RunDir) -> None:
                 tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def open_run_dir(out: str | Path, *, resume: bool, force: bool) -> Iterator[tuple[RunDir, bool]]:
+    """Create or reuse a run directory and hold its lock while the ``with`` block runs.
+
+    Everything is checked before the first change: the target, the lock
+    (``fcntl.flock`` on ``.lock`` in the run directory: a second ``train``
+    on the same run is refused), and that the folders can be written; only
+    then does ``force`` remove the old run.
+
+    Yields:
+        The run dir and whether an existing run is being resumed (it has a
+        ``checkpoints/last.pt``).
+
+    Raises:
+        FlatnessError: see :func:`prepare_run_dir`; the run is in use; the
+            folder cannot be written.
+    """
+    run = RunDir(Path(out))
+    _check_target(run, resume=resume)
+    if not run.root.exists():
+        try:
+            run.root.mkdir(parents=True)
+        except OSError as e:
+            raise FlatnessError(f"cannot create run directory {run.root}: {e.strerror}") from None
+    with _locked(run):
+        yield prepare_run_dir(run.root, resume=resume, force=force)
+
+
+def _check_target(run: RunDir, *, resume: bool) -> None:
+    if run.root.exists() and not run.root.is_dir():
+        raise FlatnessError(f"--out {run.root} exists and is not a folder")
+    if resume and (not run.root.exists() or not any(run.root.iterdir())):
+        raise FlatnessError(
+            f"--resume: there is no run in {run.root} to continue; to start a new run there, pass --out {run.root} without --resume"
+        )
+
+
+@contextlib.contextmanager
+def _locked(run: RunDir) -> Iterator[None]:
+    """Exclusive ``flock`` on the run's lock file (released when the process ends, even by SIGKILL)."""
+    try:
+        fd = os.open(run.lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as e:
+        raise FlatnessError(f"cannot write to run directory {run.root}: {e.strerror}; make it writable or train into another --out") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FlatnessError(
+                f"run directory {run.root} is in use by another flatness train (lock {run.lock}); wait for it to finish"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_writable(run: RunDir) -> None:
+    """Create and remove a probe file in the run folder and its checkpoints folder."""
+    for folder in (run.root, run.checkpoints):
+        if not folder.is_dir():
+            continue
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            raise FlatnessError(f"cannot write to {folder}: {e.strerror}; make it writable or train into another --out") from None
+
+
 def prepare_run_dir(out: str | Path, *, resume: bool, force: bool) -> tuple[RunDir, bool]:
-    """Create or reuse a run directory.
+    """Check an existing (or just created, empty) run directory and get it ready.
 
     Returns:
         The run dir and whether an existing run is being resumed (it has a
@@ -91,30 +177,29 @@ def prepare_run_dir(out: str | Path, *, resume: bool, force: bool) -> tuple[RunD
 
     Raises:
         FlatnessError: the folder exists and is not empty, without ``resume``
-            or ``force``; or ``force`` on a folder that is not a run directory
-            (we never delete what we did not write).
+            or ``force``; ``resume`` or ``force`` on a folder that is not a run
+            directory (we never delete what we did not write); a folder that
+            cannot be written (checked before anything is removed).
     """
     run = RunDir(Path(out))
-    if run.root.exists() and not run.root.is_dir():
-        raise FlatnessError(f"--out {run.root} exists and is not a folder")
-    nonempty = run.root.exists() and any(run.root.iterdir())
+    nonempty = any(e.name != LOCK_NAME for e in run.root.iterdir())
+    is_run = run.config.exists() or _leftovers_only(run.root)
+    if nonempty and resume and not is_run:
+        raise FlatnessError(f"--resume: {run.root} is not a flatness run directory (no config.json)")
+    if nonempty and not resume and not force:
+        raise FlatnessError(f"run directory {run.root} already exists; pass --resume to continue it or --force to replace it")
+    if nonempty and force and not resume and not is_run:
+        raise FlatnessError(f"--force: {run.root} is not a flatness run directory (no config.json); refusing to delete it")
+    check_writable(run)
     if nonempty and resume:
-        if not run.config.exists():
-            if not _leftovers_only(run.root):
-                raise FlatnessError(f"--resume: {run.root} is not a flatness run directory (no config.json)")
         remove_temp_files(run)
         if run.last.exists():
             return run, True
-        run.checkpoints.mkdir(parents=True, exist_ok=True)
-        return run, False
-    if nonempty and not force:
-        raise FlatnessError(f"run directory {run.root} already exists; pass --resume to continue it or --force to replace it")
-    if nonempty and force:
-        if not run.config.exists() and not _leftovers_only(run.root):
-            raise FlatnessError(f"--force: {run.root} is not a flatness run directory (no config.json); refusing to delete it")
-        for path in (run.config, run.metrics, run.final):
+    elif nonempty:
+        for path in (run.config, run.metrics, run.curvature, run.final):
             path.unlink(missing_ok=True)
-        shutil.rmtree(run.checkpoints, ignore_errors=True)
+        if run.checkpoints.exists():
+            shutil.rmtree(run.checkpoints)
         remove_temp_files(run)
     try:
         run.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -135,3 +220,15 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any], root: Pa
     ]
     if diffs:
         raise FlatnessError(f"--resume: settings differ from {what or f'the run in {root}'} ({'; '.join(diffs[:4])})")
+
+
+def resume_settings(out: str | Path, typed: dict[str, Any]) -> dict[str, Any] | None:
+    """The settings of the run in ``out`` with the flags typed now on top (None: no run there).
+
+    The typed flags must agree with the run's; :func:`check_resume_config`
+    (in the trainer) refuses the ones that change its numbers.
+    """
+    run = RunDir(Path(out))
+    if not run.config.exists():
+        return None
+    return {**run.read_config(), **typed}

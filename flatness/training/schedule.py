@@ -1,4 +1,4 @@
-"""Learning-rate schedules, stepped once per batch: cosine, step, constant."""
+"""Learning-rate schedules, stepped once per parameter update: cosine, step, constant."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from flatness.training.config import TrainConfig
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, batches_per_epoch: int) -> LambdaLR:
-    r"""A per-batch ``LambdaLR``.
+    r"""A per-update ``LambdaLR`` (the trainer steps it when the optimizer updated).
 
-    - ``cosine``: :math:`\eta_t = \eta_0 \tfrac12 (1 + \cos(\pi t / T))`, ``T`` = all batches.
+    - ``cosine``: :math:`\eta_t = \eta_0 \tfrac12 (1 + \cos(\pi t / T))`, ``T`` = all updates (``epochs * batches_per_epoch``).
     - ``step``: multiplied by ``gamma`` at each milestone (fractions of the epochs).
     - ``constant``: :math:`\eta_t = \eta_0`.
     """

@@ -74,18 +74,18 @@ def test_bad_invocations(tmp_path: Path, args: list[str], pattern: str) -> None:
     assert __import__("re").search(pattern, lines[0]), lines[0]
 
 
-def test_existing_out_untouched_and_demo(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
-    r = run_cli("demo", "--out", str(out), "--budget-epochs", "2", "--samples", "200", "--surface", "1d", "--quiet")
+def test_existing_out_untouched(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = run_cli("train", "--model", "mlp", "--data", "synthetic", "--epochs", "1", "--quiet", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    assert "report:" in r.stdout and "m-arwp" in r.stdout
-    final = out / "report" / "report.json"
-    before = final.read_bytes()
-    r = run_cli("demo", "--out", str(out), "--budget-epochs", "2", "--samples", "200", "--surface", "1d", "--quiet")
+    before = (out / "final.pt").read_bytes()
+    r = run_cli("train", "--model", "mlp", "--data", "synthetic", "--epochs", "1", "--quiet", "--out", str(out))
     assert r.returncode == 2 and r.stderr.startswith("error:") and "--force" in r.stderr
-    assert final.read_bytes() == before
+    assert (out / "final.pt").read_bytes() == before
 
 
 def test_help_has_examples() -> None:
     r = run_cli("train", "--help")
     assert r.returncode == 0 and "examples:" in r.stdout and "--resume" in r.stdout
+    # the comparison protocol is stated where users look
+    assert "epochs' worth of" in r.stdout and "2E data" in r.stdout

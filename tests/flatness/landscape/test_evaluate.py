@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from flatness.landscape import evaluate_points, evaluate_points_reference, loss_surface, model_weights, random_directions
+from flatness.landscape import SurfaceSpec, evaluate_points, evaluate_points_reference, loss_surface, model_weights, random_directions
 from flatness.landscape.grid import grid_points
 from flatness.models import build_model
 
@@ -45,15 +45,16 @@ def test_surface_equals_per_point_reference(method: str, batch_norm: bool) -> No
 
 def test_loss_surface_matches_reference_through_the_public_api() -> None:
     net, batches = _setup(True)
-    s = loss_surface(net, batches, "-1:1:4", "-1:1:3", seed=2, chunk_size=5)
+    s = loss_surface(net, batches, SurfaceSpec(x="-1:1:4", y="-1:1:3", seed=2, chunk_size=5))
     pts = grid_points(s.xcoordinates, s.ycoordinates)
     dirs = [[torch.as_tensor(a) for a in d] for d in s.directions]
     ref = evaluate_points_reference(net, batches, model_weights(net), dirs, pts)
     assert np.abs(s["train_loss"].reshape(-1) - ref[:, 0]).max() <= 1e-6
     assert np.abs(s["train_acc"].reshape(-1) - ref[:, 1]).max() <= 1e-6
-    i, j = 1, 2  # [i, j] is the value at (x_i, y_j)
+    i, j = 1, 2  # [j, i] is the value at (x_i, y_j)
     one = evaluate_points_reference(net, batches, model_weights(net), dirs, np.array([[s.xcoordinates[i], s.ycoordinates[j]]]))
-    assert abs(s["train_loss"][i, j] - one[0, 0]) <= 1e-6
+    assert s["train_loss"].shape == (3, 4)
+    assert abs(s["train_loss"][j, i] - one[0, 0]) <= 1e-6
 
 
 def test_training_flag_is_restored_and_centre_is_the_plain_loss() -> None:
@@ -72,7 +73,7 @@ def test_training_flag_is_restored_and_centre_is_the_plain_loss() -> None:
 
 def test_1d_surface_and_test_split() -> None:
     net, batches = _setup(False)
-    s = loss_surface(net, batches[:2], "-1:1:7", test_batches=batches[2:], split="train")
+    s = loss_surface(net, batches[:2], SurfaceSpec(x="-1:1:7", test=True), test_batches=batches[2:])
     assert s.dim == 1 and set(s.values) == {"train_loss", "train_acc", "test_loss", "test_acc"}
     assert s["test_loss"].shape == (7,)
     assert np.all((s["train_acc"] >= 0) & (s["train_acc"] <= 100))
@@ -90,21 +91,63 @@ class _Branchy(nn.Module):
         return out if float(out.sum()) > -1e9 else -out
 
 
-def test_models_that_cannot_be_vmapped_fall_back_or_fail_clearly() -> None:
+def test_models_that_cannot_be_vmapped_fall_back_or_fail_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flatness.landscape.surface as surface_mod
     from flatness.errors import FlatnessError
-    from flatness.landscape.evaluate import auto_chunk_size, vmap_works
+    from flatness.landscape import SurfaceFallbackWarning
+    from flatness.landscape.evaluate import auto_chunk_size, vmap_failure
 
     net = _Branchy()
     batches = [(torch.randn(8, 40), torch.randint(0, 10, (8,)))]
     center = model_weights(net)
     dirs = random_directions(center, 1, seed=0)
-    assert not vmap_works(net, batches, center, dirs)
-    assert vmap_works(*_setup(False), model_weights(_setup(False)[0]), random_directions(model_weights(_setup(False)[0]), 1))
+    assert vmap_failure(net, batches, center, dirs).startswith("vmap: ")
+    good, good_batches = _setup(False)
+    assert vmap_failure(good, good_batches, model_weights(good), random_directions(model_weights(good), 1)) is None
     with pytest.raises(FlatnessError, match="cannot be evaluated with torch.func.vmap"):
-        loss_surface(net, batches, "-1:1:3", method="vmap")
-    s = loss_surface(net, batches, "-1:1:3", method="auto")  # CPU: the loop
+        loss_surface(net, batches, SurfaceSpec(x="-1:1:3", method="vmap"))
+    s = loss_surface(net, batches, SurfaceSpec(x="-1:1:3", method="auto"))  # CPU: the loop, no warning needed
+    assert not np.isnan(s["train_loss"]).any()
+    # where auto picks vmap (CUDA), an unbatchable model falls back to the loop once, with a warning
+    monkeypatch.setattr(surface_mod, "resolve_method", lambda method, device, loss_fn=None: "vmap" if method != "loop" else "loop")
+    with pytest.warns(SurfaceFallbackWarning, match=r"cannot be evaluated with torch.func.vmap \(vmap: "):
+        s = loss_surface(net, batches, SurfaceSpec(x="-1:1:3", method="auto"))
     assert not np.isnan(s["train_loss"]).any()
     assert auto_chunk_size(net, batches, "loop") == 256  # 8 samples: the cap
     assert auto_chunk_size(net, [(torch.zeros(1000, 40), torch.zeros(1000))], "loop") == 65
     assert 1 <= auto_chunk_size(*_setup(False), "vmap") <= 64
     assert auto_chunk_size(*_setup(False), "vmap", budget_bytes=1) == 1
+
+
+class _Buggy(nn.Module):
+    """A model with a real bug: no fallback may hide it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(40, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x[:, :39])  # wrong shape: a RuntimeError that is not vmap's
+
+
+def test_a_bug_in_the_model_is_not_swallowed_by_the_vmap_probe() -> None:
+    from flatness.landscape.evaluate import vmap_failure
+
+    net = _Buggy()
+    batches = [(torch.randn(8, 40), torch.randint(0, 10, (8,)))]
+    with pytest.raises(RuntimeError, match="size"):
+        vmap_failure(net, batches, model_weights(net), random_directions(model_weights(net), 1))
+
+
+def test_model_loss_surface_equals_reference_and_has_no_accuracy() -> None:
+    from flatness.losses import ModelLoss
+
+    net, batches = _setup(False)
+    dict_batches = [{"inputs": x, "targets": y} for x, y in batches]
+    loss = ModelLoss(lambda m, b: nn.functional.cross_entropy(m(b["inputs"]), b["targets"]), "tests:ce")
+    s = loss_surface(net, dict_batches, SurfaceSpec(x="-1:1:3", y="-1:1:4", chunk_size=5), loss_fn=loss)
+    ref = evaluate_points_reference(net, batches, model_weights(net), [[torch.as_tensor(a) for a in d] for d in s.directions],
+                                    grid_points(s.xcoordinates, s.ycoordinates))
+    assert np.abs(s["train_loss"].reshape(-1) - ref[:, 0]).max() <= 1e-9
+    assert np.isnan(s["train_acc"]).all()
+    assert s.settings["loss"] == "tests:ce"

@@ -1,24 +1,33 @@
-"""Step-time overhead of the optim methods on a CIFAR ResNet-18.
+"""Step-time overhead of the optim methods over SGD, in units of the noise floor.
 
-Prints, in one run (CIFAR-shaped batch, default 64 on the CPU):
+The noise floor is the cost of drawing the perturbation once: one
+``normal_`` over a tensor with as many elements as the model has parameters
+(the least any random-weight-perturbation step must spend). For every method
+the script prints, in one process, on a CIFAR ResNet-18 (batch 16 by default):
 
-1. the update time of every method divided by a plain SGD update, measured
-   end to end, and the optimizer's own time per update (outside the closure,
-   best of a few updates that replay recorded gradients instead of running
-   forward + backward) with the ratio it implies,
-   ``(passes * sgd_forward_backward + own) / (sgd_forward_backward + sgd_own)``,
-   which other load on the machine hardly disturbs;
-2. the perturbation-generation time of ``flatness.optim.noise`` against a
-   straightforward per-parameter implementation of the official ARWP logic
-   (github.com/nblt/mARWP: clone of w, per-row norm ``.repeat``, ``torch.normal``
-   with a tensor std, ``.item()`` for 1-D tensors, a full-size squared-gradient
-   accumulator);
-3. with a GPU: host synchronisations per step (``torch.cuda.set_sync_debug_mode``).
+    floor-relative overhead = (method update - k x SGD update) / floor
 
-Targets (issue 3): ARWP/SGD <= 1.05, m-ARWP/SGD <= 2.05, SAM/SGD <= 2.05.
+with k the forward-backward passes per update (1: RWP, ARWP; 2: m-RWP,
+m-ARWP, SAM, ASAM), in two ways:
 
-    python benchmarks/optim_overhead.py            # CPU (+ GPU if present); minutes on 2 cores
-    python benchmarks/optim_overhead.py --steps 4 --device cuda
+* ``own``: the optimizer's own time per update, outside the closure, best of
+  a few updates whose closure hands out recorded gradients instead of running
+  forward + backward. The closures of both sides then cost the same by
+  construction, so the difference is the optimizer's work alone; other load
+  on the machine hardly disturbs it.
+* ``e2e``: real updates with forward + backward, interleaved across methods,
+  best of ``--steps``. Includes every real cost (allocator, caches), but one
+  forward-backward is ~10x the floor, so machine load shows up here first.
+
+Then the ARWP perturbation of ``flatness.optim.noise`` against a
+straightforward per-parameter transcription of the official code
+(github.com/nblt/mARWP), and with a GPU the host synchronisations per update
+(``torch.cuda.set_sync_debug_mode``).
+
+Target (issue 16): ARWP and m-ARWP overhead <= 1.5 floors.
+
+    OMP_NUM_THREADS=1 python benchmarks/optim_overhead.py --threads 1   # ~1 min on one core
+    python benchmarks/optim_overhead.py --device cuda --batch-size 256
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import statistics
 import sys
 import time
@@ -41,12 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flatness import optim  # noqa: E402
 from flatness.optim.noise import filterwise_noise_, fisher_like, update_fisher_  # noqa: E402
 
-# (label, class or None for SGD, method kwargs, nominal forward-backward passes per update)
+# (label, class or None for SGD, method kwargs, forward-backward passes per update = k)
 METHODS = [
     ("sgd", None, {}, 1),
-    ("sam", optim.SAM, {"rho": 0.05}, 2),
-    ("asam", optim.ASAM, {"rho": 0.5}, 2),
-    ("delta-sam", optim.DeltaSAM, {"rho": 0.05}, None),
     ("rwp", optim.RWP, {"sigma": 0.01}, 1),
     ("arwp", optim.ARWP, {"sigma": 0.01, "eta": 0.1, "beta": 0.99}, 1),
     ("m-rwp", optim.MRWP, {"sigma": 0.015, "lam": 0.5}, 2),
@@ -57,8 +64,10 @@ METHODS = [
         {"sigma": 0.015, "lam": 0.5, "eta": 0.1, "beta": 0.99, "mix_batches": "alternate"},
         2,
     ),
+    ("sam", optim.SAM, {"rho": 0.05}, 2),
+    ("asam", optim.ASAM, {"rho": 0.5}, 2),
 ]
-TARGETS = {"arwp": 1.05, "m-arwp": 2.05, "sam": 2.05}
+TARGETS = {"arwp": 1.5, "m-arwp": 1.5}
 
 
 # --------------------------------------------------------------------- model
@@ -108,6 +117,23 @@ def build_resnet18() -> tuple[nn.Module, str]:
 
 
 # ------------------------------------------------------------------- timing
+_CLOCK = {"fn": time.perf_counter}
+
+
+def _clock() -> float:
+    return _CLOCK["fn"]()
+
+
+def _use_clock(device: torch.device) -> str:
+    """CPU: this process's CPU time (user + system), which other processes on
+    a shared machine hardly disturb; GPU: wall time around synchronisations."""
+    if device.type == "cpu":
+        _CLOCK["fn"] = time.process_time
+        return "process CPU time"
+    _CLOCK["fn"] = time.perf_counter
+    return "wall time"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -133,7 +159,7 @@ class Runner:
     def real_closure(self, timer: list[float]):
         def closure() -> torch.Tensor:
             _sync(self.device)
-            t0 = time.perf_counter()
+            t0 = _clock()
             out = self.model(self.x)
             if self.per_sample:
                 loss = F.cross_entropy(out, self.y, reduction="none")
@@ -141,7 +167,7 @@ class Runner:
                 loss = F.cross_entropy(out, self.y)
                 loss.backward()
             _sync(self.device)
-            timer.append(time.perf_counter() - t0)
+            timer.append(_clock() - t0)
             return loss
 
         return closure
@@ -153,11 +179,11 @@ class Runner:
 
         def closure() -> torch.Tensor:
             _sync(self.device)
-            t0 = time.perf_counter()
+            t0 = _clock()
             for p, g in zip(params, grads):
                 p.grad = g.clone()
             _sync(self.device)
-            timer.append(time.perf_counter() - t0)
+            timer.append(_clock() - t0)
             return loss
 
         return closure
@@ -172,7 +198,7 @@ class Runner:
                 torch.cuda.set_sync_debug_mode("warn")
             try:
                 _sync(self.device)
-                t0 = time.perf_counter()
+                t0 = _clock()
                 for _ in range(self.calls):
                     closure = make_closure(timer)
                     if isinstance(self.opt, optim.PerturbedOptimizer):
@@ -182,7 +208,7 @@ class Runner:
                         closure()
                         self.opt.step()
                 _sync(self.device)
-                elapsed = time.perf_counter() - t0
+                elapsed = _clock() - t0
             finally:
                 if count_syncs:
                     torch.cuda.set_sync_debug_mode("default")
@@ -196,23 +222,35 @@ def record_gradients(base_model, x, y) -> list[torch.Tensor]:
     return [p.grad.detach().clone() for p in model.parameters()]
 
 
+def noise_floor(n_weights: int, device: torch.device, repeats: int) -> float:
+    """Seconds of one ``normal_`` over ``n_weights`` values (best of ``repeats``)."""
+    flat = torch.empty(n_weights, device=device)
+    flat.normal_()  # first touch of the memory
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = _clock()
+        flat.normal_()
+        _sync(device)
+        times.append(_clock() - t0)
+    return min(times)
+
+
 def time_methods(base_model, x, y, device, steps: int, repeats: int) -> tuple[list[Runner], dict[str, float]]:
     """Own time per update from replayed gradients (min of ``repeats``; no
     forward/backward, so it is cheap to repeat and robust to machine load),
     then ``steps`` real updates per method, interleaved across methods."""
     runners = [Runner(label, cls, kw, base_model, x, y, device) for label, cls, kw, _ in METHODS]
     grads = record_gradients(base_model, x, y)  # also warms up the convolution kernels
-    own: dict[str, float] = {}
-    for r in runners:
-        if r.per_sample:  # delta-SAM runs its own backward passes: nothing to replay
-            continue
-        samples = []
-        for i in range(repeats + 2):  # 2 warm-up updates create the lazily allocated state
-            elapsed, inside, _ = r.update(lambda timer: r.replay_closure(grads, timer))
+    samples: dict[str, list[float]] = {r.label: [] for r in runners}
+    for i in range(repeats + 2):  # 2 warm-up rounds create the lazily allocated state
+        for r in runners if i % 2 == 0 else runners[::-1]:  # interleaved: load drift hits all alike
+            elapsed, inside, _ = r.update(lambda timer, r=r: r.replay_closure(grads, timer))
             if i >= 2:
-                samples.append(elapsed - inside)
-        own[r.label] = min(samples)
-    # Replaying warmed up the optimizer state and the kernels: no warm-up round.
+                samples[r.label].append(elapsed - inside)
+    own = {label: min(times) for label, times in samples.items()}
+    for r in runners:  # one real warm-up update each (allocator, kernels)
+        r.update(r.real_closure)
     order = list(range(len(runners)))
     for step in range(steps):
         for i in order if step % 2 == 0 else order[::-1]:
@@ -223,34 +261,28 @@ def time_methods(base_model, x, y, device, steps: int, repeats: int) -> tuple[li
     return runners, own
 
 
-def report_methods(runners: list[Runner], own: dict[str, float], device: torch.device) -> None:
+def report_methods(runners: list[Runner], own: dict[str, float], floor: float, device: torch.device) -> None:
     best = {r.label: min(r.step_times) for r in runners}
-    sgd_pass = min(runners[0].closure_times)
-    sgd_step_est = sgd_pass + own["sgd"]
-    print(f"\nSGD update: forward+backward {sgd_pass * 1e3:.0f} ms, SGD's own work "
-          f"{own['sgd'] * 1e3:.1f} ms, measured update {best['sgd'] * 1e3:.0f} ms "
-          f"(best of {len(runners[0].step_times)})\n")
-    header = f"{'method':<18}{'measured /SGD':>14}{'own ms':>9}{'est. /SGD':>11}{'target':>9}"
+    print(f"\nnoise floor (one normal_ over all parameters): {floor * 1e3:.1f} ms; "
+          f"SGD update: {best['sgd'] * 1e3:.0f} ms end to end (best of {len(runners[0].step_times)}), "
+          f"SGD's own work {own['sgd'] * 1e3:.1f} ms\n")
+    header = (f"{'method':<18}{'k':>3}{'own ms':>9}{'own /floor':>12}{'e2e ms':>9}"
+              f"{'e2e /floor':>12}{'target':>9}")
     if device.type == "cuda":
         header += f"{'syncs/update':>14}"
     print(header)
     print("-" * len(header))
-    for (label, _, _, nominal), r in zip(METHODS, runners):
-        measured = best[label] / best["sgd"]
-        if label in own:
-            own_txt = f"{own[label] * 1e3:.1f}"
-            est_txt = f"{(nominal * sgd_pass + own[label]) / sgd_step_est:.3f}"
-        else:
-            own_txt, est_txt = "-", "-"
+    for (label, _, _, k), r in zip(METHODS, runners):
+        own_rel = (own[label] - k * own["sgd"]) / floor
+        e2e_rel = (best[label] - k * best["sgd"]) / floor
         target = TARGETS.get(label)
-        line = f"{label:<18}{measured:>14.3f}{own_txt:>9}{est_txt:>11}{('<= ' + str(target)) if target else '':>9}"
+        line = (f"{label:<18}{k:>3}{own[label] * 1e3:>9.1f}{own_rel:>12.2f}{best[label] * 1e3:>9.0f}"
+                f"{e2e_rel:>12.2f}{('<= ' + str(target)) if target else '':>9}")
         if device.type == "cuda":
             line += f"{statistics.mean(r.syncs):>14.1f}"
         print(line)
-    print("\nmeasured: best update time over best SGD update, end to end (sensitive to machine load).")
-    print("own: the optimizer's own time per update (outside the closure), best of the replayed updates.")
-    print("est.: (forward-backward passes x SGD forward+backward + own) / (SGD forward+backward + SGD own);")
-    print("      insensitive to other load on the machine. Passes: 1 (rwp, arwp), 2 (sam, asam, m-*).")
+    print("\nown /floor: (optimizer's own time per update - k x SGD's own time) / floor, replayed gradients.")
+    print("e2e /floor: (best real update - k x best real SGD update) / floor; k = passes per update.")
 
 
 # ------------------------------------------------------ perturbation generation
@@ -287,13 +319,13 @@ def official_arwp_restore(params, state, beta: float) -> None:
 def _timed(perturb, restore, device) -> tuple[float, float]:
     """Seconds for ``perturb`` alone and for ``perturb`` + ``restore``."""
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = _clock()
     perturb()
     _sync(device)
-    t1 = time.perf_counter()
+    t1 = _clock()
     restore()
     _sync(device)
-    return t1 - t0, time.perf_counter() - t0
+    return t1 - t0, _clock() - t0
 
 
 def _count_syncs(fn) -> int:
@@ -367,24 +399,36 @@ def time_perturbation(base_model, device, repeats: int, count_syncs: bool) -> No
 
 
 # ---------------------------------------------------------------------- main
+def _load() -> str:
+    try:
+        return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "load average unknown"
+
+
 def run_on(device: torch.device, args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     base_model, model_name = build_resnet18()
     base_model = base_model.to(device).train()
     x = torch.randn(args.batch_size, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
+    n_weights = sum(p.numel() for p in base_model.parameters())
     threads = f"{torch.get_num_threads()} threads, " if device.type == "cpu" else ""
-    print(f"\n=== {model_name}, batch {args.batch_size}x3x32x32, device {device}, {threads}"
-          f"torch {torch.__version__}, {args.steps} real + {args.repeats} replayed updates per method")
+    print(f"\n=== {model_name} ({n_weights / 1e6:.1f} M weights), batch {args.batch_size}x3x32x32, "
+          f"device {device}, {threads}torch {torch.__version__}, {_load()}")
+    clock = _use_clock(device)
+    print(f"    {args.repeats} replayed + {args.steps} real updates per method; clock: {clock}")
     runners, own = time_methods(base_model, x, y, device, args.steps, args.repeats)
-    report_methods(runners, own, device)
+    floor = noise_floor(n_weights, device, args.repeats)
+    report_methods(runners, own, floor, device)
     time_perturbation(base_model, device, args.repeats, count_syncs=device.type == "cuda")
+    print(f"\n({_load()} at the end)")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=2, help="real timed updates per method (default 2)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=4, help="real timed updates per method (default 4)")
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
         "--device", default="auto", choices=("auto", "cpu", "cuda"),
         help="auto (default): the CPU, then the GPU too if one is available",

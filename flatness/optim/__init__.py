@@ -22,7 +22,7 @@ from .delta_sam import DeltaSAM
 from .parallel import ParallelMARWP, ParallelMRWP, split_roles
 from .rwp import ARWP, MARWP, MRWP, RWP
 from .sam import ASAM, SAM
-from .schedule import CosineInc
+from .schedule import CosineInc, StepOnUpdate
 from .wrapper import PerturbedOptimizer
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "PerturbedOptimizer",
     "RWP",
     "SAM",
+    "StepOnUpdate",
     "disable_running_stats",
     "split_roles",
 ]

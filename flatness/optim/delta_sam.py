@@ -54,6 +54,13 @@ from .wrapper import ParamsT, PerturbedOptimizer
 
 PerSampleClosure = Callable[[], Tensor]
 
+_BACKWARD_IN_CLOSURE = (
+    "DeltaSAM's closure must run the forward pass only and return per-sample losses of "
+    "shape (batch,), e.g. F.cross_entropy(model(x), y, reduction='none'), without calling "
+    "backward (DeltaSAM runs backward itself, through grad_scaler when given); this closure "
+    "calls backward"
+)
+
 
 def instance_weights(probe_losses: Tensor, clean_losses: Tensor, temperature: float) -> Tensor:
     r"""delta-SAM instance weights (reconstruction, see the module docs).
@@ -110,7 +117,14 @@ class DeltaSAM(PerturbedOptimizer):
             :class:`~flatness.optim.wrapper.PerturbedOptimizer`.
 
     Raises:
-        ValueError: ``rho <= 0``, ``temperature <= 0`` or ``num_perturbations < 1``.
+        ValueError: ``rho <= 0``, ``temperature <= 0`` or ``num_perturbations < 1``;
+            from ``step``: a closure that returns anything but per-sample losses,
+            or an ordinary closure that calls ``backward`` (it would fail in
+            the probes with torch's "element 0 of tensors does not require grad").
+
+    Mixed precision: with ``grad_scaler`` the closure still returns unscaled
+    per-sample losses; DeltaSAM calls ``grad_scaler.scale(loss).backward()``
+    itself (the other optimizers' closures do that call).
     """
 
     per_sample_closure = True
@@ -158,6 +172,22 @@ class DeltaSAM(PerturbedOptimizer):
             )
         return losses
 
+    @staticmethod
+    def _probe(closure: PerSampleClosure) -> Tensor:
+        """One probe forward (under ``no_grad``); an ordinary closure that calls
+        ``backward`` fails here, so say what the closure must do instead."""
+        try:
+            return DeltaSAM._per_sample(closure()).detach()
+        except RuntimeError as err:
+            if "does not require grad" not in str(err):
+                raise
+            raise ValueError(_BACKWARD_IN_CLOSURE) from err
+
+    def _check_no_backward(self) -> None:
+        # A Python-level look at .grad (no tensor values read: no host sync).
+        if any(p.grad is not None for group in self.param_groups for p in group["params"]):
+            raise ValueError(_BACKWARD_IN_CLOSURE)
+
     @torch.no_grad()
     def probe_losses(self, closure: PerSampleClosure) -> Tensor:
         """Per-sample losses at ``num_perturbations`` random probes, shape ``(K, B)``.
@@ -185,7 +215,7 @@ class DeltaSAM(PerturbedOptimizer):
                     sphere_noise_(
                         params, backups, radius=group0["rho"], generator=self.rng.get, foreach=foreach
                     )
-                    probes.append(self._per_sample(closure()).detach())
+                    probes.append(self._probe(closure))
         finally:
             if foreach:
                 torch._foreach_copy_(params, backups)
@@ -206,6 +236,7 @@ class DeltaSAM(PerturbedOptimizer):
         self.zero_grad(set_to_none=True)
         with torch.enable_grad():
             losses = self._per_sample(closure())
+            self._check_no_backward()
             weights = instance_weights(probes, losses.detach(), self.param_groups[0]["temperature"])
             self._backward((weights.to(losses.dtype) * losses).mean())
         self.first_step()

@@ -1,4 +1,8 @@
-r"""CosineInc: the cosine-increasing noise schedule of Li et al., TMLR 2024.
+r"""Schedules: the cosine-increasing noise schedule of Li et al., TMLR 2024
+(:class:`CosineInc`), and :class:`StepOnUpdate`, which steps a learning-rate
+scheduler once per weight update instead of once per ``step`` call.
+
+CosineInc:
 
 .. math::
 
@@ -8,6 +12,13 @@ r"""CosineInc: the cosine-increasing noise schedule of Li et al., TMLR 2024.
 rising from :math:`\sigma_0` to :math:`\sigma_0(1 + \text{inc})`; after
 :math:`T` it stays there (the official code lets the cosine turn back down,
 which never happens when :math:`T` is the length of the run).
+
+The formula is the official one (nblt/mARWP, ``CosineInc`` in
+``train_marwp.py``); the official *flag* ``--incstd`` parameterises it
+differently: ``--sigma`` is the final value and the start is the weight decay
+(:math:`\sigma_0 = \text{wd}`, :math:`\text{inc} = \sigma/\text{wd} - 1`), with
+:math:`T` = all batches of the doubled epoch count. :meth:`CosineInc.from_range`
+builds exactly that; the plain constructor starts at the optimizer's ``sigma``.
 """
 
 from __future__ import annotations
@@ -43,12 +54,12 @@ class CosineInc:
 
     Example:
         >>> import torch
-        >>> from optim import ARWP
+        >>> from flatness.optim import ARWP
         >>> net = torch.nn.Linear(3, 1)
         >>> opt = ARWP(net.parameters(), torch.optim.SGD, lr=0.1, sigma=0.001)
         >>> sched = CosineInc(opt, total_steps=100, inc=10)
         >>> for _ in range(100):
-        ...     sched.step()
+        ...     _ = sched.step()
         >>> round(opt.param_groups[0]["sigma"], 6)
         0.011
     """
@@ -78,6 +89,43 @@ class CosineInc:
         self.last_step = last_step
         self._apply()
 
+    @classmethod
+    def from_range(
+        cls,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int,
+        *,
+        start: float,
+        end: float,
+        last_step: int = 0,
+    ) -> CosineInc:
+        """The schedule from ``start`` at step 0 to ``end`` at ``total_steps``, in every group.
+
+        This is the official ``--incstd`` form (nblt/mARWP ``train_marwp.py``):
+        there ``--sigma`` is the *final* std and the schedule starts at the
+        weight decay, ``CosineInc(weight_decay, epochs, len(train_loader),
+        sigma / weight_decay - 1)``, stepped once per batch over the doubled
+        epoch count. The same schedule here::
+
+            CosineInc.from_range(opt, total_steps=2 * epochs * len(loader),
+                                 start=weight_decay, end=sigma)
+
+        stepped once per ``opt.step`` call (not per update). The plain
+        constructor instead starts at each group's current ``sigma`` and ends at
+        ``sigma * (1 + inc)``.
+
+        Raises:
+            ValueError: ``start <= 0`` or ``end < 0`` (or as the constructor).
+        """
+        start, end = check_number("start", start), check_number("end", end)
+        if start <= 0.0:
+            raise ValueError(f"Invalid start value: {start} (expected start > 0)")
+        if end < 0.0:
+            raise ValueError(f"Invalid end value: {end} (expected end >= 0)")
+        for group in optimizer.param_groups:
+            group["initial_sigma"] = start
+        return cls(optimizer, total_steps, end / start - 1.0, last_step=last_step)
+
     def factor(self, t: int) -> float:
         """The multiplier of :math:`\\sigma_0` at step ``t``."""
         t = min(max(t, 0), self.total_steps)
@@ -104,3 +152,69 @@ class CosineInc:
         self.inc = float(state_dict["inc"])
         self.last_step = int(state_dict["last_step"])
         self._apply()
+
+
+class StepOnUpdate:
+    """Steps a per-update LR scheduler only after calls that updated the weights.
+
+    With ``mix_batches="alternate"`` an m-(A)RWP optimizer updates the weights
+    on every *second* ``step(closure)`` call (the first of a pair only stashes
+    the clean gradient), so ``scheduler.step()`` after every call would decay
+    the learning rate twice per update. Wrapping the scheduler makes the usual
+    loop correct for every optimizer of :mod:`flatness.optim`: the wrapper reads
+    the optimizer's ``last_step_updated`` flag (a Python bool, no host sync)
+    and passes the call on only when it is True. Plain torch optimizers have
+    no such flag and count every call as an update.
+
+    Args:
+        scheduler: any object with ``step()`` (``torch.optim.lr_scheduler``,
+            :class:`CosineInc` if it should advance per update, ...).
+        optimizer: the optimizer whose updates count.
+
+    Example:
+        >>> import torch
+        >>> from flatness.optim import MARWP
+        >>> net = torch.nn.Linear(3, 1)
+        >>> opt = MARWP(net.parameters(), torch.optim.SGD, lr=1.0, mix_batches="alternate")
+        >>> sched = StepOnUpdate(torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5), opt)
+        >>> def closure():
+        ...     loss = net(torch.ones(2, 3)).sum()
+        ...     loss.backward()
+        ...     return loss
+        >>> for _ in range(4):  # 4 calls, 2 updates
+        ...     _ = opt.step(closure)
+        ...     _ = sched.step()
+        >>> opt.param_groups[0]["lr"], sched.num_steps
+        (0.25, 2)
+    """
+
+    def __init__(self, scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+        if not callable(getattr(scheduler, "step", None)):
+            raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.scheduler = scheduler
+        self.optimizer = optimizer
+        self.num_steps = 0
+
+    def step(self) -> bool:
+        """Step the scheduler if the optimizer's last call updated the weights.
+
+        Returns:
+            Whether the wrapped scheduler was stepped.
+        """
+        if not getattr(self.optimizer, "last_step_updated", True):
+            return False
+        self.scheduler.step()
+        self.num_steps += 1
+        return True
+
+    def get_last_lr(self) -> list[float]:
+        return self.scheduler.get_last_lr()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict(), "num_steps": self.num_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state_dict["scheduler"])
+        self.num_steps = int(state_dict["num_steps"])

@@ -122,6 +122,22 @@ def roundtrip(obj) -> object:
 _HOST_SYNC = ["item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"]
 
 
+_ORIGINALS = {name: getattr(torch.Tensor, name) for name in _HOST_SYNC}
+
+
+@contextlib.contextmanager
+def allow_host_sync():
+    """Inside ``forbid_host_sync``, lift the guard for the duration of this block."""
+    guarded = {name: getattr(torch.Tensor, name) for name in _HOST_SYNC}
+    for name, original in _ORIGINALS.items():
+        setattr(torch.Tensor, name, original)
+    try:
+        yield
+    finally:
+        for name, method in guarded.items():
+            setattr(torch.Tensor, name, method)
+
+
 @contextlib.contextmanager
 def forbid_host_sync():
     """Inside the block, Tensor methods that synchronise with the host raise."""

@@ -35,8 +35,21 @@ def test_disable_running_stats_restores_on_error():
 
 
 def test_none_model_is_a_noop():
+    """``None`` freezes nothing (optimizers without ``model=`` call it
+    unconditionally): the block runs, BatchNorm layers keep recording, and
+    errors from the block propagate unchanged."""
+    net = model()
+    x = batches(1)[0][0]
+    ran = []
     with optim.disable_running_stats(None):
-        pass
+        net(x)
+        ran.append(True)
+    assert ran == [True]
+    assert net.bn.track_running_stats is True
+    assert int(net.bn.num_batches_tracked) == 1
+    with pytest.raises(KeyError, match="inside"):
+        with optim.disable_running_stats(None):
+            raise KeyError("inside")
 
 
 @pytest.mark.parametrize("name", ["sam", "asam", "delta-sam", "m-rwp", "m-arwp"])

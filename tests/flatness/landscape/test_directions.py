@@ -116,6 +116,6 @@ def test_axis_grid_and_chunks() -> None:
     np.testing.assert_array_equal(xs, [-1, 0, 1])
     pts = grid_points(xs, ys)
     assert pts.shape == (6, 2)
-    for p in range(6):  # flat index p is cell [p // ny, p % ny]
-        assert tuple(pts[p]) == (xs[p // 2], ys[p % 2])
+    for p in range(6):  # flat index p is cell [p // nx, p % nx] of the (ny, nx) array: (x_{p % nx}, y_{p // nx})
+        assert tuple(pts[p]) == (xs[p % 3], ys[p // 3])
     assert [list(r) for r in chunk_ranges(5, 2)] == [[0, 1], [2, 3], [4]]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from flatness.cli.main import main
-from flatness.landscape import loss_surface
+from flatness.landscape import SurfaceFile, SurfaceSpec, loss_surface
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -29,8 +29,8 @@ def surfaces(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("surfaces")
     one = folder / "one.h5"
     two = folder / "two.h5"
-    loss_surface(net, data, "-1:1:21", test_batches=data, out=one)
-    loss_surface(net, data, "-1:1:13", "-0.5:0.5:9", out=two)  # non-square on purpose
+    loss_surface(net, data, SurfaceSpec(x="-1:1:21", test=True), test_batches=data, output=SurfaceFile(one))
+    loss_surface(net, data, SurfaceSpec(x="-1:1:13", y="-0.5:0.5:9"), output=SurfaceFile(two))  # non-square on purpose
     return {"1d": one, "2d": two, "folder": folder}
 
 
@@ -110,6 +110,12 @@ ERRORS = [
     (["{folder}/bad.h5"], r"cannot be opened as an HDF5 surface file"),
     (["{2d}", "--out", "{folder}/fig.jpg"], r"must end in .png, .pdf or .svg"),
     (["{2d}", "--out", "{folder}/exists.png"], r"already exists; pass --force"),
+    (["{2d}", "--vmax", "-1"], r"--vmax -1 is not above the surface's minimum"),
+    (["{2d}", "--vmax", "nan"], r"--vmax must be a finite number, got nan"),
+    (["{2d}", "--vmax", "inf"], r"--vmax must be a finite number, got inf"),
+    (["{2d}", "--kind", "filled", "--log", "--vmax", "0"], r"--vmax must be positive with --log"),
+    (["{1d}", "--vmax", "3"], r"--vmax applies to 2-D kinds"),
+    (["{folder}/hessian_ok.json", "--vmax", "3"], r"apply to surface files"),
 ]
 
 
@@ -121,13 +127,16 @@ def test_errors(surfaces: dict, capsys: pytest.CaptureFixture, args: list[str], 
     (folder / "list.json").write_text("[1, 2]")
     (folder / "bad.h5").write_text("not hdf5")
     (folder / "exists.png").write_bytes(PNG)
+    (folder / "hessian_ok.json").write_text(json.dumps({"top_eigenvalues": [1.0]}))
     args = [a.format(**{k: str(v) for k, v in surfaces.items()}) for a in args]
     if "--out" not in args:
         args += ["--out", str(folder / "out.png")]
+    before = sorted(p.name for p in folder.iterdir())
     code, err = _plot(capsys, *args)
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert re.search(message, err), err
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing created
 
 
 def test_force_overwrites(surfaces: dict, capsys: pytest.CaptureFixture) -> None:
@@ -135,3 +144,78 @@ def test_force_overwrites(surfaces: dict, capsys: pytest.CaptureFixture) -> None
     assert _plot(capsys, surfaces["2d"], "--out", out)[0] == 0
     assert _plot(capsys, surfaces["2d"], "--out", out)[0] == 2
     assert _plot(capsys, surfaces["2d"], "--out", out, "--force")[0] == 0
+
+
+def test_a_failing_plot_leaves_no_new_folders(surfaces: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "figs" / "new" / "f.png"
+    code, err = _plot(capsys, surfaces["2d"], "--kind", "line", "--out", out)  # a kind that does not fit
+    assert code == 2 and "--kind line needs a 1-D surface" in err
+    code, err = _plot(capsys, surfaces["2d"], "--vmax", "-1", "--out", out)
+    assert code == 2
+    assert not (tmp_path / "figs").exists()
+    code, err = _plot(capsys, surfaces["2d"], "--out", out)  # and a good one makes them
+    assert code == 0, err
+    assert out.read_bytes()[:8] == PNG
+
+
+# ---- what the figures hold (the Figure objects, not only the PNG bytes) ----
+
+
+def _colorbar_range(fig) -> tuple[float, float]:  # noqa: ANN001 - matplotlib Figure
+    """(lo, hi) of the colour bar's data limits: the last axes of a figure with a colour bar."""
+    cax = fig.axes[-1]
+    lo, hi = sorted(cax.get_ylim())
+    return float(lo), float(hi)
+
+
+@pytest.mark.parametrize("kind", ["filled", "heatmap"])
+def test_2d_figure_content(surfaces: dict, kind: str) -> None:
+    from flatness.landscape import read_surface
+    from flatness.plots.surface import surface_figure
+
+    s = read_surface(surfaces["2d"])
+    z = s["train_loss"]
+    top = float(z.max())
+    fig = surface_figure(s, kind=kind, vmax=top)
+    assert len(fig.axes) == 2  # one panel and its colour bar
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "x (direction 1)" and ax.get_ylabel() == "y (direction 2)"
+    assert ax.get_xlim() == pytest.approx((-1.0, 1.0), abs=0.1) and ax.get_ylim() == pytest.approx((-0.5, 0.5), abs=0.1)
+    lo, hi = _colorbar_range(fig)
+    assert lo == pytest.approx(float(z.min()), rel=1e-6) and hi == pytest.approx(top, rel=1e-6)  # colour bar = data range
+    assert "filter-normalized random directions" in ax.get_title()
+
+
+def test_heatmap_draws_each_cell_where_it_belongs(surfaces: dict) -> None:
+    from flatness.landscape import read_surface
+    from flatness.plots.surface import surface_figure
+
+    s = read_surface(surfaces["2d"])
+    fig = surface_figure(s, kind="heatmap", vmax=float(s["train_loss"].max()))
+    mesh = fig.axes[0].collections[0]
+    drawn = np.asarray(mesh.get_array()).reshape(len(s.ycoordinates), len(s.xcoordinates))
+    np.testing.assert_array_equal(drawn, s["train_loss"])  # row j is y_j, column i is x_i
+    coords = mesh.get_coordinates()  # cell centres (shading="nearest" puts edges around them)
+    assert coords.shape[:2] == (len(s.ycoordinates) + 1, len(s.xcoordinates) + 1)
+
+
+def test_3d_and_contour_and_line_figure_content(surfaces: dict) -> None:
+    from flatness.landscape import read_surface
+    from flatness.plots.surface import surface_figure
+
+    s = read_surface(surfaces["2d"])
+    fig = surface_figure(s, kind="3d")
+    assert len(fig.axes) == 2
+    assert fig.axes[0].get_zlabel() == "train_loss"
+    contour = surface_figure(s, kind="contour", log=True)
+    assert len(contour.axes) == 1 and "log10 train_loss" in contour.axes[0].get_title()
+    levels = contour.axes[0].collections[0].levels if hasattr(contour.axes[0].collections[0], "levels") else None
+    if levels is not None:
+        assert float(np.min(levels)) == pytest.approx(float(np.log10(s["train_loss"]).min()), rel=1e-6)
+    line = surface_figure(read_surface(surfaces["1d"]))
+    ax, acc = line.axes
+    assert ax.get_ylabel() == "loss" and acc.get_ylabel() == "accuracy (%)" and ax.get_xlabel() == "x (direction 1)"
+    labels = [h.get_label() for h in ax.get_legend().legend_handles]
+    assert labels == ["train loss", "train accuracy", "test loss", "test accuracy"]
+    one = read_surface(surfaces["1d"])
+    np.testing.assert_array_equal(ax.lines[0].get_ydata(), one["train_loss"])

@@ -35,6 +35,13 @@ def _tensors(batch: Batch) -> list[Tensor]:
     return list(batch.values()) if isinstance(batch, dict) else list(batch)
 
 
+def _check_sizes(batch: Batch) -> None:
+    tensors = _tensors(batch)
+    sizes = {int(t.shape[0]) if t.dim() else -1 for t in tensors}
+    if not tensors or len(sizes) != 1 or -1 in sizes:
+        raise ValueError(f"the tensors of a split must share their first dimension, got sizes {sorted(sizes)}")
+
+
 class Split:
     """One split held as tensors that share their first (sample) dimension.
 
@@ -50,18 +57,15 @@ class Split:
         if bool(tensors) == bool(named):
             raise TypeError("Split takes either positional tensors or named tensors, and at least one")
         self.fields: Batch = dict(named) if named else (tensors[0] if len(tensors) == 1 else tuple(tensors))
-        sizes = {int(t.shape[0]) if t.dim() else -1 for t in _tensors(self.fields)}
-        if len(sizes) != 1 or -1 in sizes:
-            raise ValueError(f"the tensors of a split must share their first dimension, got sizes {sorted(sizes)}")
+        _check_sizes(self.fields)
 
     @classmethod
     def of(cls, batch: Batch) -> Split:
-        """A split holding ``batch`` (tensor, tuple/list or dict of tensors)."""
-        if isinstance(batch, Tensor):
-            return cls(batch)
-        if isinstance(batch, dict):
-            return cls(**batch)
-        return cls(*batch)
+        """A split holding ``batch`` exactly in its structure (a 1-tuple stays a 1-tuple)."""
+        split = cls.__new__(cls)
+        split.fields = dict(batch) if isinstance(batch, dict) else (batch if isinstance(batch, Tensor) else tuple(batch))
+        _check_sizes(split.fields)
+        return split
 
     @property
     def classic(self) -> bool:

@@ -67,10 +67,10 @@ def read_split(data: Any, what: str) -> Split:
             raise FlatnessError(f"{what} yields batches of different structure: {first} and {_structure(chunk)}")
     try:
         if isinstance(chunks[0], dict):
-            return Split(**{k: torch.cat([c[k] for c in chunks]) for k in chunks[0]})  # type: ignore[call-overload]
+            return Split.of({k: torch.cat([c[k] for c in chunks]) for k in chunks[0]})  # type: ignore[index]
         if isinstance(chunks[0], Tensor):
-            return Split(torch.cat(chunks))  # type: ignore[arg-type]
-        return Split(*(torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))))  # type: ignore[index]
+            return Split.of(torch.cat(chunks))  # type: ignore[arg-type]
+        return Split.of(tuple(torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))))  # type: ignore[index]
     except (ValueError, RuntimeError) as e:
         raise FlatnessError(f"{what} cannot be held as tensors: {str(e).splitlines()[0]}") from None
 

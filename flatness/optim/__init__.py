@@ -21,7 +21,7 @@ from .bn import disable_running_stats
 from .delta_sam import DeltaSAM
 from .parallel import ParallelMARWP, ParallelMRWP, split_roles
 from .rwp import ARWP, MARWP, MRWP, RWP
-from .sam import ASAM, SAM
+from .sam import ASAM, SAM, asam_param_groups
 from .schedule import CosineInc, StepOnUpdate
 from .wrapper import PerturbedOptimizer
 
@@ -38,6 +38,7 @@ __all__ = [
     "RWP",
     "SAM",
     "StepOnUpdate",
+    "asam_param_groups",
     "disable_running_stats",
     "split_roles",
 ]

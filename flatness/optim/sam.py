@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._checks import check_nonnegative, check_positive
+from ._checks import check_choice, check_nonnegative, check_positive
 from .perturbation import GradientPerturbation
 from .wrapper import ParamsT, PerturbedOptimizer
 
@@ -103,7 +103,8 @@ class ASAM(PerturbedOptimizer):
 
     A param group with ``"adaptive": False`` uses :math:`T_w = 1` (plain SAM
     scaling) - ASAM's official code scales only parameters named ``weight``,
-    so put biases in such a group to reproduce it. With every group
+    so put biases in such a group to reproduce it;
+    :func:`asam_param_groups` builds the groups. With every group
     non-adaptive ASAM is exactly SAM; with a large ``adaptive_eta`` :math:`c`
     and radius :math:`\rho / c` it tends to SAM with radius :math:`\rho`.
 
@@ -147,3 +148,50 @@ class ASAM(PerturbedOptimizer):
             grad_scaler=grad_scaler,
             **base_kwargs,
         )
+
+
+ASAM_RULES = ("name", "ndim")
+
+
+def asam_param_groups(model: nn.Module, rule: str = "name") -> list[dict[str, Any]]:
+    r"""Split ``model``'s trainable parameters into an adaptive and a non-adaptive ASAM group.
+
+    Args:
+        model: the network.
+        rule: which parameters get ASAM's element-wise scaling
+            :math:`T_w = |w| + \eta`:
+
+            * ``"name"`` - the official code (SamsungLabs/ASAM, ``if 'weight' in n``):
+              every parameter whose qualified name contains ``weight``, which
+              includes BatchNorm / LayerNorm weights; biases are not scaled.
+            * ``"ndim"`` - only parameters with more than one dimension (conv and
+              linear weights); biases and all normalisation parameters are not
+              scaled.
+
+    Returns:
+        ``[{"params": adaptive, "adaptive": True}, {"params": rest, "adaptive": False}]``
+        (an empty group is left out), in ``model.named_parameters()`` order;
+        other per-group settings (``weight_decay``, ...) can be added to the dicts.
+
+    Raises:
+        ValueError: an unknown ``rule``.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        >>> [len(g["params"]) for g in asam_param_groups(net)]
+        [2, 2]
+        >>> [len(g["params"]) for g in asam_param_groups(net, rule="ndim")]
+        [1, 3]
+        >>> opt = ASAM(asam_param_groups(net), torch.optim.SGD, lr=0.1, rho=0.5)
+    """
+    check_choice("rule", rule, ASAM_RULES)
+    adaptive: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scaled = "weight" in name if rule == "name" else p.dim() > 1
+        (adaptive if scaled else rest).append(p)
+    groups = [{"params": adaptive, "adaptive": True}, {"params": rest, "adaptive": False}]
+    return [g for g in groups if g["params"]]

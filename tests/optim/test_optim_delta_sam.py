@@ -62,3 +62,41 @@ def test_closure_calls_and_contract():
     with pytest.raises(ValueError, match=r"per-sample losses of shape \(batch,\), got \(\)"):
         opt.step(lambda: forward().mean())
     assert optim.DeltaSAM.per_sample_closure and not optim.SAM.per_sample_closure
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_an_ordinary_closure_gets_a_message_saying_what_to_return(reduction):
+    """The closure every other optimizer takes (forward + backward) fails in the
+    probes with torch's "element 0 of tensors does not require grad"; DeltaSAM
+    says instead what its closure must do, and leaves the weights alone."""
+    net = model()
+    opt = optim.DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, model=net)
+    x, y = batches(1)[0]
+
+    def ordinary():
+        losses = torch.nn.functional.cross_entropy(net(x), y, reduction=reduction)
+        losses.mean().backward()
+        return losses
+
+    before = snapshot(net)
+    with pytest.raises(ValueError, match=r"forward pass only.*per-sample losses.*without calling backward"):
+        opt.step(ordinary)
+    assert_same(snapshot(net), before)
+    assert opt.num_updates == 0
+
+
+def test_a_backward_inside_the_clean_pass_is_refused():
+    """A closure that backpropagates only when gradients are enabled passes the
+    probes; the clean pass then finds gradients it did not make."""
+    net = model()
+    opt = optim.DeltaSAM(net.parameters(), torch.optim.SGD, lr=0.1, model=net)
+    x, y = batches(1)[0]
+
+    def sneaky():
+        losses = torch.nn.functional.cross_entropy(net(x), y, reduction="none")
+        if torch.is_grad_enabled():
+            losses.mean().backward(retain_graph=True)
+        return losses
+
+    with pytest.raises(ValueError, match="calls backward"):
+        opt.step(sneaky)

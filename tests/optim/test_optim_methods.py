@@ -93,6 +93,50 @@ def test_asam_without_scaling_is_sam():
     assert_same(*runs)
 
 
+def _asam_reference_eps(net, x, y, adaptive_names, rho, eta):
+    """epsilon = rho T^2 g / (||T g|| + 1e-12), T = |w| + eta on the adaptive
+    parameters and 1 elsewhere; written out from the paper, float64."""
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    names = [n for n, _ in net.named_parameters()]
+    grads = torch.autograd.grad(loss, [p for _, p in net.named_parameters()])
+    scales = {
+        n: (p.detach().abs() + eta) if n in adaptive_names else torch.ones_like(p)
+        for n, p in net.named_parameters()
+    }
+    norm = torch.sqrt(sum(((scales[n] * g) ** 2).sum() for n, g in zip(names, grads)))
+    return {n: rho * scales[n] ** 2 * g / (norm + 1e-12) for n, g in zip(names, grads)}
+
+
+@pytest.mark.parametrize("rule", ["name", "ndim"])
+def test_asam_groups_scale_only_the_adaptive_group(rule):
+    x, y = batches(1)[0]
+    x = x.double()
+    net = model().double()
+    groups = optim.asam_param_groups(net, rule=rule)
+    adaptive_ids = {id(p) for p in groups[0]["params"]}
+    adaptive_names = {n for n, p in net.named_parameters() if id(p) in adaptive_ids}
+    expected_names = {n for n, p in net.named_parameters() if ("weight" in n if rule == "name" else p.dim() > 1)}
+    assert adaptive_names == expected_names and groups[1]["adaptive"] is False
+    assert ("bn.weight" in adaptive_names) == (rule == "name")  # the official code scales BN weights
+    rho, eta = 0.5, 0.01
+    reference = _asam_reference_eps(net, x, y, adaptive_names, rho, eta)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    opt = optim.ASAM(groups, torch.optim.SGD, lr=0.1, rho=rho, adaptive_eta=eta, model=net)
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    opt.first_step()
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.detach() - before[n], reference[n], rtol=1e-9, atol=1e-15)
+    opt.second_step()
+    # and with every parameter adaptive, the biases would have moved differently
+    everything = _asam_reference_eps(model().double(), x, y, set(before), rho, eta)
+    assert not torch.allclose(everything["fc.bias"], reference["fc.bias"])
+
+
+def test_asam_param_groups_rejects_unknown_rule():
+    with pytest.raises(ValueError, match="Unknown rule 'bias'"):
+        optim.asam_param_groups(model(), rule="bias")
+
+
 def test_asam_with_large_eta_tends_to_sam():
     """T_w = |w| + c ~ c: ASAM(rho / c, eta = c) -> SAM(rho) as c grows."""
     data_batches = batches(3)

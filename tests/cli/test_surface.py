@@ -68,6 +68,11 @@ ERRORS = [
     (["--x", "-1:1:3", "--samples", "100000"], r"--samples 100000 is more than the 256 samples"),
     (["--x", "-1:1:3", "--out", "{tmp}/s.txt"], r"--out must be a .h5 file"),
     (["--x", "-1:1:3", "--out", "{existing}"], r"already exists; pass --resume to continue it or --force"),
+    (["--x", "-inf:1:3"], r"--x -inf:1:3: grid bounds must be finite numbers, got MIN=-inf"),
+    (["--x=-1:nan:3"], r"grid bounds must be finite numbers"),
+    (["--x", "-1:1:3", "--to", "{ckpt}"], r"the x direction is zero .*pass --allow-degenerate"),
+    (["--x", "-1:1:3", "--y", "-1:1:3", "--to", "{other}", "{other}"], r"x and y directions are parallel.*pass --allow-degenerate"),
+    (["--x", "-1:1:3", "--hessian-normalize", "filter"], r"--hessian-normalize is only used with --directions hessian"),
 ]
 
 
@@ -77,7 +82,9 @@ def test_errors(tmp_path: Path, make_checkpoint, capsys: pytest.CaptureFixture, 
     mlp = make_checkpoint(model="mlp", name="mlp.pt")
     existing = tmp_path / "exists.h5"
     existing.write_bytes(b"")
-    fill = {"ckpt": str(ckpt), "tmp": str(tmp_path), "mlp": str(mlp), "existing": str(existing)}
+    other = make_checkpoint(seed=5, name="other.pt")
+    fill = {"ckpt": str(ckpt), "tmp": str(tmp_path), "mlp": str(mlp), "existing": str(existing), "other": str(other)}
+    before = sorted(p.name for p in tmp_path.iterdir())
     args = [a.format(**fill) for a in args]
     if "--out" not in args:
         args += ["--out", str(tmp_path / "out.h5")]
@@ -86,6 +93,8 @@ def test_errors(tmp_path: Path, make_checkpoint, capsys: pytest.CaptureFixture, 
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err
     assert __import__("re").search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing created
+    assert existing.read_bytes() == b""  # nothing changed
 
 
 def test_usage_errors_exit_2(make_checkpoint, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
@@ -171,7 +180,7 @@ def test_sigkill_then_resume_is_identical(tmp_path: Path, make_checkpoint) -> No
     from tests.flatness.landscape.kill_helpers import kill_when_partial
 
     ckpt = make_checkpoint()
-    args = ["surface", str(ckpt), "--x", "-1:1:31", "--y", "-1:1:29", "--samples", "256", "--chunk-size", "3", "--quiet"]
+    args = ["surface", str(ckpt), "--x", "-1:1:25", "--y", "-1:1:23", "--samples", "256", "--chunk-size", "3", "--quiet"]
     ref = tmp_path / "ref.h5"
     r = run_cli(*args, "--out", str(ref), env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
@@ -179,7 +188,7 @@ def test_sigkill_then_resume_is_identical(tmp_path: Path, make_checkpoint) -> No
     env = {**os.environ, **ONE_THREAD}
     proc = subprocess.Popen([sys.executable, "-m", "flatness", *args, "--out", str(killed)], cwd=RUN_DIR, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill = kill_when_partial(proc, killed, 31 * 29, at_least=30)
+    kill = kill_when_partial(proc, killed, 25 * 23, at_least=30)
     assert kill.landed, kill  # SIGKILL (-9) while the file held some, not all, cells
     sys.stderr.write(f"[surface] kill landed after {kill.seen} of {kill.total} cells\n")
     r = run_cli(*args, "--out", str(killed), "--resume", env=ONE_THREAD)
@@ -201,3 +210,74 @@ def test_two_gloo_processes_equal_one(tmp_path: Path, make_checkpoint) -> None: 
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("wrote ") == 1  # only rank 0 reports
     _assert_same_file(one, two)
+
+
+def test_negative_bounds_both_spellings(tmp_path: Path, make_checkpoint, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
+    ckpt = make_checkpoint()
+    for i, flag in enumerate((["--x", "-1:1:5"], ["--x=-1:1:5"], ["--x", "-.5:1:5"])):
+        code, out, err = _cli(capsys, "surface", ckpt, *flag, "--samples", "32", "--out", tmp_path / f"s{i}.h5", "--quiet")
+        assert code == 0, err
+    assert read_surface(tmp_path / "s0.h5").xcoordinates.tolist() == [-1.0, -0.5, 0.0, 0.5, 1.0]
+
+
+def test_centre_is_the_loss_at_the_origin_or_not_printed(tmp_path: Path, make_checkpoint, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
+    from flatness.analysis import prepare_analysis
+
+    ckpt = make_checkpoint()
+    an = prepare_analysis(ckpt, samples=32)
+    with torch.no_grad():
+        centre = sum(an.loss_fn(an.model(x), y).item() * len(y) for x, y in an.batches) / an.samples
+    code, out, err = _cli(capsys, "surface", ckpt, "--x", "-1:1:1", "--samples", "32", "--out", tmp_path / "a.h5", "--quiet")
+    assert code == 0, err
+    assert ", centre " not in out  # the only grid point is x = -1
+    code, out, err = _cli(capsys, "surface", ckpt, "--x", "-1:1:3", "--y=-2:2:5", "--samples", "32", "--out", tmp_path / "b.h5", "--quiet")
+    assert code == 0, err
+    assert f"centre {centre:.4g}" in out, out
+    code, out, err = _cli(capsys, "surface", ckpt, "--x", "-1:1:4", "--samples", "32", "--out", tmp_path / "c.h5", "--quiet")
+    assert code == 0 and ", centre " not in out  # 0 is not a grid point of -1:1:4
+
+
+def test_degenerate_directions_with_the_flag(tmp_path: Path, make_checkpoint, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
+    ckpt = make_checkpoint()
+    out = tmp_path / "flat.h5"
+    code, _, err = _cli(capsys, "surface", ckpt, "--to", ckpt, "--x", "-1:1:3", "--samples", "32", "--allow-degenerate", "--out", out, "--quiet")
+    assert code == 0, err
+    loss = read_surface(out)["train_loss"]
+    assert np.ptp(loss) == 0.0  # constant: the direction is zero
+
+
+def test_a_second_run_on_a_file_being_written_is_refused(tmp_path: Path, make_checkpoint, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
+    from flatness.landscape.storage import SurfaceLock
+
+    ckpt = make_checkpoint()
+    out = tmp_path / "s.h5"
+    args = ["surface", ckpt, "--x", "-1:1:5", "--samples", "32", "--out", out, "--quiet"]
+    assert _cli(capsys, *args)[0] == 0
+    before = out.read_bytes()
+    code = f"from flatness.landscape.storage import SurfaceLock; import time; l = SurfaceLock({str(out)!r}); print('locked', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)  # another run writing it
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        for flag in ("--resume", "--force"):
+            rc, _, err = _cli(capsys, *args, flag)
+            assert rc == 2 and err.count("\n") == 1, err
+            assert "is being written by another flatness process" in err
+        assert out.read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _cli(capsys, *args, "--resume")[0] == 0  # the lock dies with its holder
+    SurfaceLock(out).release()
+
+
+def test_hessian_directions_surface(tmp_path: Path, make_checkpoint, capsys: pytest.CaptureFixture) -> None:  # noqa: ANN001
+    ckpt = make_checkpoint(model="mlp")
+    out = tmp_path / "h.h5"
+    code, _, err = _cli(capsys, "surface", ckpt, "--directions", "hessian", "--x", "-0.5:0.5:5", "--y=-0.5:0.5:3", "--samples", "64",
+                        "--hessian-normalize", "filter", "--out", out, "--quiet")
+    assert code == 0, err
+    s = read_surface(out)
+    assert s.settings["directions"] == "hessian" and s.settings["hessian_normalize"] == "filter"
+    assert len(s.settings["hessian_eigenvalues"]) == 2 and s.settings["hessian_eigenvalues"][0] >= s.settings["hessian_eigenvalues"][1]
+    with h5py.File(out, "r") as f:
+        assert f.attrs["directions"] == "hessian" and f.attrs["hessian_normalize"] == "filter"

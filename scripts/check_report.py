@@ -1,14 +1,19 @@
 """Check a report in headless Chromium and print the verdict as JSON.
 
     python scripts/check_report.py demo/report/report.html --screenshot shot.png
+
+Without Chromium (or without the report) it prints one line ``error: ...``
+on stderr and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+from flatness.errors import FlatnessError
 from flatness.report.browser import check_report
 
 
@@ -17,7 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("html", type=Path)
     p.add_argument("--screenshot", type=Path, default=None)
     args = p.parse_args(argv)
-    print(json.dumps(check_report(args.html, screenshot=args.screenshot)))
+    try:
+        verdict = check_report(args.html, screenshot=args.screenshot)
+    except FlatnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(verdict))
     return 0
 
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from flatness.cli.common import add_command, add_common, positive_int
+from flatness.cli.common import SOURCES_HELP, add_command, add_common, add_sources, positive_int, sources_from_args
 
 EXAMPLES = """\
   flatness compare runs/sgd/final.pt runs/sam/final.pt runs/marwp/final.pt --out report
   flatness compare a.pt b.pt --out report --surface 2d --top-k 3 --radii 0 0.01 0.05 0.1
   flatness compare a.pt b.pt c.pt --out report --force   # reuses report/cache for a.pt and b.pt
-"""
+  flatness compare runs/sgd runs/sam --out report          # run directories: their final.pt
+  flatness compare a.pt b.pt --model mymod.py:build --data mymod.py:data --out report   # your own code
+
+""" + SOURCES_HELP
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = CompareSettings()
     p = add_command(sub, "compare", "Compare checkpoints: losses, curvature, sharpness, surfaces -> HTML/Markdown/JSON report.", EXAMPLES)
-    p.add_argument("checkpoints", nargs="+", help="checkpoint files (.pt)")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint files (.pt) or run directories")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--samples", type=positive_int, default=d.samples, help="first N training samples used for every measure")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
@@ -30,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--radii", type=float, nargs="+", default=list(d.radii), help="relative radii of the sharpness curve")
     p.add_argument("--draws", type=positive_int, default=d.draws, help="noise draws per radius")
     p.add_argument("--rho", type=float, default=d.rho, help="adversarial sharpness radius")
+    add_sources(p.add_argument_group("model, data and loss (default: each checkpoint's own)"))
     add_common(p)
     p.set_defaults(func=run)
 
@@ -43,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k, trace_matvecs=args.trace_matvecs, density=args.density, radii=tuple(args.radii),
         draws=args.draws, rho=args.rho, seed=args.seed,
     )
-    result = compare(args.checkpoints, args.out, s, device=resolve_device(args.device), force=args.force, quiet=args.quiet)
+    result = compare(args.checkpoints, args.out, s, device=resolve_device(args.device), force=args.force, quiet=args.quiet,
+                     sources=sources_from_args(args))
     print(f"report: {result.report_html} ({len(result.computed)} computed, {len(result.reused)} reused, {result.seconds:.1f}s)")
     return 0

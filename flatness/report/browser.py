@@ -19,6 +19,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from flatness.errors import FlatnessError
+
 FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -60,11 +62,15 @@ def check_report(html: Path, *, screenshot: Path | None = None, timeout: float =
     """Load ``html`` in headless Chromium; return the verdict dict.
 
     Raises:
-        RuntimeError: no Chromium, or it produced no verdict.
+        FlatnessError: no Chromium on PATH, or no readable ``html``.
+        RuntimeError: Chromium ran but produced no verdict.
     """
     exe = find_chromium()
     if exe is None:
-        raise RuntimeError("no chromium on PATH")
+        raise FlatnessError("no chromium on PATH (tried chromium, chromium-browser, google-chrome); install one, "
+                            "e.g. apt-get install chromium")
+    if not html.is_file():
+        raise FlatnessError(f"no report at {html}")
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "probe.html"
         page = html.read_text()

@@ -25,14 +25,14 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flatness.analysis import Analysis, prepare_analysis
+from flatness.analysis import Analysis, Sources, prepare_analysis
+from flatness.checkpoint import resolve_checkpoint_path
 from flatness.errors import FlatnessError
 from flatness.report.cache import ArtifactCache, file_digest
 from flatness.version import __version__
@@ -89,6 +89,7 @@ class CompareResult:
     computed: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def report_html(self) -> Path:
@@ -138,15 +139,18 @@ def _curvature_track(path: Path) -> list[dict[str, Any]] | None:
 def run_cost(config: dict[str, Any], metrics: list[dict[str, Any]] | None) -> dict[str, Any]:
     """Parameter updates, gradient evaluations and training wall time of a run.
 
-    ``updates`` / ``grad_evals`` come from config.json when the trainer
-    recorded them; otherwise from the last metrics row's step count (one
-    optimizer call per batch; the alternate m-(A)RWP scheme updates on every
-    second call and spends one gradient per call).
+    ``updates`` and ``grad_evals_per_update`` come from config.json when the
+    trainer recorded them (``grad_evals = updates * grad_evals_per_update``);
+    for older runs, from the last metrics row's step count (one optimizer
+    call per batch; the alternate m-(A)RWP scheme updates on every second
+    call and spends one gradient per call).
     """
     from flatness.training.config import TrainConfig
     from flatness.training.methods import grad_evals_per_batch
 
     cost: dict[str, Any] = {"updates": config.get("updates"), "grad_evals": config.get("grad_evals"), "train_seconds": None}
+    if cost["updates"] is not None and cost["grad_evals"] is None and config.get("grad_evals_per_update") is not None:
+        cost["grad_evals"] = int(cost["updates"]) * int(config["grad_evals_per_update"])
     if metrics:
         cost["train_seconds"] = sum(float(r.get("seconds", 0.0)) for r in metrics)
         calls = metrics[-1].get("step")
@@ -272,14 +276,14 @@ def _keys(s: CompareSettings) -> tuple[str, str]:
 
 
 def _test_batches(a: Analysis, s: CompareSettings, device: torch.device | str) -> list:
-    from flatness.data import analysis_batches, load_dataset
+    from flatness.data import analysis_batches
 
-    ds = load_dataset(a.dataset, a.checkpoint.config.get("data_dir"), augment=False)
-    return analysis_batches(ds.test, batch_size=s.batch_size, device=device)
+    test = a.data.test  # type: ignore[union-attr]  # prepare_analysis always sets .data
+    return analysis_batches(test, batch_size=s.batch_size, device=device)
 
 
 def measure_checkpoint(path: str | Path, out: str | Path, settings: CompareSettings, *, surface: bool = True,
-                       device: torch.device | str = "cpu") -> None:
+                       device: torch.device | str = "cpu", sources: Sources | None = None) -> None:
     """Fill ``out/cache`` with one checkpoint's core measures (and surface), as :func:`compare` would.
 
     Lets worker processes measure checkpoints in parallel; the final
@@ -288,8 +292,8 @@ def measure_checkpoint(path: str | Path, out: str | Path, settings: CompareSetti
     from flatness.report.surfaces import surface_for
 
     settings.validate()
-    path = Path(path)
-    a = prepare_analysis(path, samples=settings.samples, batch_size=settings.batch_size, device=device)
+    path = resolve_checkpoint_path(path)[0]
+    a = prepare_analysis(path, samples=settings.samples, batch_size=settings.batch_size, device=device, sources=sources)
     cache = ArtifactCache(Path(out) / "cache", version=CACHE_VERSION)
     digest = file_digest(path)
     core_key, surf_key = _keys(settings)
@@ -318,7 +322,8 @@ def compare(
     device: torch.device | str = "cpu",
     force: bool = False,
     quiet: bool = True,
-    log: Callable[[str], None] | None = None,
+    notes: list[str] | None = None,
+    sources: Sources | None = None,
 ) -> CompareResult:
     """Compute everything for each checkpoint and write ``report.{html,md,json}`` in ``out``.
 
@@ -330,7 +335,10 @@ def compare(
     Args:
         labels: group name per checkpoint (default: its training method);
             checkpoints of one group are seeds of one method.
-        log: called with one plain line per stage (the CLI prints it).
+        notes: protocol notes shown at the top of the report (e.g. by the demo).
+        sources: the user's own model / data / loss for every checkpoint
+            (see :class:`flatness.analysis.Sources`); a checkpoint may also
+            be a run directory (its ``final.pt``, else ``checkpoints/last.pt``).
 
     Raises:
         FlatnessError: bad settings, unreadable or duplicate checkpoints,
@@ -355,8 +363,8 @@ def compare(
         raise FlatnessError(f"{out} already holds a report; pass --force to replace it (the cache is kept)")
     _check_writable(out)
     t0 = time.perf_counter()
-    paths = [Path(p) for p in checkpoints]
-    analyses = [prepare_analysis(p, samples=s.samples, batch_size=s.batch_size, device=device) for p in paths]
+    paths = [resolve_checkpoint_path(p)[0] for p in checkpoints]
+    analyses = [prepare_analysis(p, samples=s.samples, batch_size=s.batch_size, device=device, sources=sources) for p in paths]
     _check_inputs(paths, analyses)
     digests = [file_digest(p) for p in paths]
     _check_distinct(paths, digests)
@@ -384,10 +392,8 @@ def compare(
             entry["surface"] = cache.get_or_compute("surface", (digest, surf_key), lambda a=a: surface_for(a, s, device))
         groups_seen.add(group)
         entries.append(entry)
-        if log is not None:
-            log(f"measured {label} ({time.perf_counter() - t0:.1f}s)")
 
     figures = make_figures(entries, s, out)
-    result = CompareResult(out, entries, cache.computed, cache.reused, time.perf_counter() - t0)
+    result = CompareResult(out, entries, cache.computed, cache.reused, time.perf_counter() - t0, list(notes or []))
     write_reports(result, s, figures, dataset=first.dataset, version=__version__)
     return result

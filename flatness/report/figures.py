@@ -36,21 +36,29 @@ def sharpness_figure(entries: list[dict], out: Path) -> Path:
     """Mean loss increase against radius, log-log so every radius is readable (one line per method, mean over seeds)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    plotted = 0
     for g, es in _groups(entries).items():
         radii = np.asarray(es[0]["sharpness"]["radii"], dtype=float)
         inc = np.mean([e["sharpness"]["loss_increase"] for e in es], axis=0)
         keep = (radii > 0) & (inc > 0)
+        if not keep.any():
+            continue
+        plotted += 1
         spread = np.std([e["sharpness"]["loss_increase"] for e in es], axis=0, ddof=1) if len(es) > 1 else None
         yerr = spread[keep] if spread is not None else np.asarray(es[0]["sharpness"]["stderr"])[keep]
         ax.errorbar(radii[keep], inc[keep], yerr=np.minimum(yerr, inc[keep] * 0.999), marker="o", ms=3, capsize=2,
                     label=f"{g} (n={len(es)})" if len(es) > 1 else g)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    if plotted:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "no positive loss increase at any radius > 0", transform=ax.transAxes, ha="center")
     ax.set_xlabel(r"relative radius $\sigma$ (noise std = $\sigma\,\|$filter$\|$)")
     ax.set_ylabel(r"mean loss increase $E[L(w+\epsilon)] - L(w)$")
     ax.set_title("Random-perturbation sharpness (log-log; radius 0 omitted)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    if plotted:
+        ax.legend(fontsize=8)
     return _save(fig, out, "sharpness.png")
 
 
@@ -141,7 +149,7 @@ def _surface_panels(plt: Any, have: list[dict], out: Path) -> Path:
         sf = e["surface"]
         X, Y = np.meshgrid(sf["x"], sf["y"], indexing="ij")
         mappable = ax.contourf(X, Y, z, levels=levels, cmap="viridis")
-        ax.contour(X, Y, z, levels=levels[::3], colors="white", linewidths=0.5)
+        ax.contour(X, Y, z, levels=levels[::3], colors="white", linewidths=0.5, linestyles="solid")
         ax.plot([0], [0], marker="+", color="red", ms=8)
         ax.set_title(e["label"], fontsize=10)
         ax.set_aspect("equal")

@@ -111,6 +111,7 @@ def report_json(result: Any, settings: Any, dataset: str, version: str) -> dict[
         "version": version,
         "dataset": dataset,
         "settings": settings.to_dict(),
+        "notes": list(getattr(result, "notes", [])),
         "methods": stats,
         "conclusion": conclusion(stats),
         "kendall_tau": kendall(result.entries) if len(result.entries) >= 3 else {},
@@ -185,6 +186,8 @@ def _sections(result: Any) -> list[tuple[str, list[str], list[list[str]] | None,
     """(title, table head, table rows, paragraphs) of the seed-statistics sections, shared by Markdown and HTML."""
     stats = group_stats(result.entries)
     out = []
+    if getattr(result, "notes", None):
+        out.append(("Protocol and hyperparameters", [], None, list(result.notes)))
     if any(r["seeds"] > 1 for r in stats.values()) or len(stats) < len(result.entries):
         head, rows = method_rows(stats)
         out.append(("Methods (mean ± sd over seeds)", head, rows, []))

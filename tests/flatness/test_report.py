@@ -34,7 +34,8 @@ def test_report_files_keys_and_cache(make_checkpoint, tmp_path: Path) -> None:
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
     imgs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(imgs) >= 3 and all(len(i) > 1000 for i in imgs)
-    assert "<table" in page and page.count("<tr>") == 1 + 2
+    summary = page[page.index('id="summary"'):]
+    assert "<table" in page and summary[: summary.index("</table>")].count("<tr>") == 1 + 2
     md = (out / "report.md").read_text()
     for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (out / name).exists()
@@ -80,20 +81,81 @@ def test_interpolation_endpoints_match_each_checkpoint(make_checkpoint, tmp_path
     assert len(set(round(v, 6) for v in it["loss"])) > 3
 
 
-def test_budget_text_counts_gradient_evaluations() -> None:
+def test_run_cost_counts_updates_and_gradient_evaluations() -> None:
+    """Cost next to the result: recorded counts when the trainer wrote them, else counted from the optimizer calls."""
+    from flatness.report.compare import run_cost
     from flatness.report.render import _budget_text
 
-    entries = [
-        {"label": "sgd", "config": {"method": "sgd", "epochs": 60}},
-        {"label": "sam", "config": {"method": "sam", "epochs": 30}},
-        {"label": "m-arwp", "config": {"method": "m-arwp", "epochs": 60, "mix_batches": "alternate"}},
-        {"label": "m-arwp same", "config": {"method": "m-arwp", "epochs": 30, "mix_batches": "same"}},
-        {"label": "foreign", "config": {"model": "resnet18"}},
-    ]
-    lines = _budget_text(entries).splitlines()
-    assert lines == [
-        "sgd: 60 epochs x 1 gradient evaluation(s) per batch = 60 epoch-equivalents",
-        "sam: 30 epochs x 2 gradient evaluation(s) per batch = 60 epoch-equivalents",
-        "m-arwp: 60 epochs x 1 gradient evaluation(s) per batch, alternate batches = 60 epoch-equivalents",
-        "m-arwp same: 30 epochs x 2 gradient evaluation(s) per batch, same batches = 60 epoch-equivalents",
-    ]
+    metrics = [{"step": 960, "seconds": 1.5}, {"step": 1920, "seconds": 2.5}]
+    new = run_cost({"method": "sam", "epochs": 60, "updates": 1920, "grad_evals_per_update": 2}, metrics)
+    assert new == {"updates": 1920, "grad_evals": 3840, "train_seconds": 4.0}
+    old_alt = run_cost({"method": "m-arwp", "epochs": 60, "mix_batches": "alternate"}, metrics)
+    assert old_alt["updates"] == 960 and old_alt["grad_evals"] == 1920  # one update per two calls, one gradient per call
+    old_sam = run_cost({"method": "sam", "epochs": 60}, metrics)
+    assert old_sam["updates"] == 1920 and old_sam["grad_evals"] == 3840
+    assert run_cost({"model": "resnet18"}, None) == {"updates": None, "grad_evals": None, "train_seconds": None}
+    entries = [{"label": "sam", "config": {"method": "sam", "epochs": 60}, "cost": new}, {"label": "x", "config": {}}]
+    assert _budget_text(entries) == "sam: --epochs 60, 1920 updates, 3840 gradient evaluations, 4.0 s training"
+
+
+def _strict_json(text: str) -> dict:
+    def no_constant(name: str) -> None:
+        raise AssertionError(f"report.json holds a bare {name}")
+
+    return json.loads(text, parse_constant=no_constant)
+
+
+@pytest.mark.parametrize("radii", [(0.0, float("nan")), (0.0, float("inf")), (0.0, -0.1), ()])
+def test_bad_radii_refused_before_anything_is_written(make_checkpoint, tmp_path: Path, radii) -> None:
+    a = make_checkpoint("mlp", hidden=8)
+    with pytest.raises(FlatnessError, match="--radii"):
+        compare([a], tmp_path / "rep", _settings(radii=radii))
+    assert not (tmp_path / "rep").exists()
+
+
+def test_same_checkpoint_twice_refused(make_checkpoint, tmp_path: Path) -> None:
+    a = make_checkpoint("mlp", hidden=8)
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(a.read_bytes())
+    for pair in ([a, a], [a, copy]):
+        with pytest.raises(FlatnessError, match="same checkpoint"):
+            compare(pair, tmp_path / "rep", _settings())
+    assert not (tmp_path / "rep").exists()
+
+
+def test_unwritable_out_refused_before_computing(make_checkpoint, tmp_path: Path) -> None:
+    a = make_checkpoint("mlp", hidden=8)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(FlatnessError, match="cannot"):
+        compare([a], blocker / "rep", _settings())
+    assert blocker.read_text() == "x"
+
+
+def test_seed_groups_paired_differences_and_strict_json(make_checkpoint, tmp_path: Path) -> None:
+    """Checkpoints labelled as seeds of two methods: mean/sd per method, paired t-interval vs sgd, no bare NaN."""
+    from flatness.report.stats import entry_values
+
+    import torch
+
+    from flatness.checkpoint import save_checkpoint
+
+    paths = [make_checkpoint("mlp", seed=s, hidden=8, name=f"a{s}.pt") for s in (0, 1, 2)]
+    for s in (0, 1, 2):  # other weights (seed s + 10), recorded as seed s so that the runs pair up
+        ck = torch.load(make_checkpoint("mlp", seed=s + 10, hidden=8, name=f"b{s}.pt"), weights_only=True)
+        ck["config"]["seed"] = s
+        save_checkpoint(tmp_path / f"b{s}.pt", ck)
+        paths.append(tmp_path / f"b{s}.pt")
+    labels = ["sgd"] * 3 + ["other"] * 3
+    r = compare(paths, tmp_path / "rep", _settings(surface="none", surfaces_for="first-per-group"), labels=labels)
+    data = _strict_json((tmp_path / "rep" / "report.json").read_text())
+    other = data["methods"]["other"]
+    assert other["seeds"] == 3 and other["seed_list"] == [0, 1, 2]
+    accs = [entry_values(e)["test_acc"] for e in r.entries]
+    diffs = [accs[3 + i] - accs[i] for i in range(3)]
+    p = other["paired"]["sgd"]["test_acc"]
+    assert p["mean"] == pytest.approx(sum(diffs) / 3)
+    assert p["wins"] == sum(d > 0 for d in diffs) and p["n"] == 3
+    assert "sgd" not in data["methods"]["sgd"]["paired"]
+    assert data["conclusion"] and all(("within noise" in c) or ("excludes 0" in c) for c in data["conclusion"])
+    assert set(data["kendall_tau"]) >= {"lambda_max", "trace"}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+from types import SimpleNamespace
+
+import pytest
 import torch
 from torch import nn
 
@@ -61,3 +65,61 @@ def test_adversarial_sharpness_matches_manual_step() -> None:
             q.copy_(p + 0.1 * gi / norm)
     ref = loss_fn(m(x), y).item() - loss.item()
     assert abs(got - ref) < 1e-10 and got > 0
+
+
+def test_sharpness_uses_eval_mode_batchnorm_and_restores_mode() -> None:
+    """With BatchNorm, both measures use the running statistics (eval mode) and leave train mode as found."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(30, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,))
+    model.train()
+    model(x)  # move the running statistics away from their initial values
+    model[1].running_mean.mul_(3.0)
+    stats = model[1].running_mean.clone()
+    got = adversarial_sharpness(model, nn.functional.cross_entropy, [(x, y)], rho=0.1)
+    assert model.training and torch.equal(model[1].running_mean, stats)
+    ref = copy.deepcopy(model).eval()
+    loss = nn.functional.cross_entropy(ref(x), y)
+    g = torch.autograd.grad(loss, list(ref.parameters()))
+    norm = torch.sqrt(sum((gi**2).sum() for gi in g))
+    with torch.no_grad():
+        for p, gi in zip(ref.parameters(), g):
+            p.add_(0.1 * gi / norm)
+    assert abs(got - (nn.functional.cross_entropy(ref(x), y).item() - loss.item())) < 1e-10
+    base = mean_loss(model.eval(), nn.functional.cross_entropy, [(x, y)])
+    model.train()
+    train_mode = nn.functional.cross_entropy(model(x), y).item()
+    assert abs(base.item() - loss.item()) < 1e-12 and abs(train_mode - loss.item()) > 1e-3
+
+
+def test_report_curvature_matches_dense_hessian_from_one_operator(monkeypatch) -> None:
+    """lambda_max (and the trace) in the report equal a float64 dense Hessian by torch.func.hessian, from ONE operator."""
+    from torch.func import functional_call, hessian
+
+    import flatness.curvature as curvature
+    from flatness.report.compare import CompareSettings, _curvature
+
+    model, batches, loss_fn, x, y = _setup()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def full_loss(flat: torch.Tensor) -> torch.Tensor:
+        parts, i = {}, 0
+        for n, s in zip(names, shapes):
+            parts[n] = flat[i : i + s.numel()].view(s)
+            i += s.numel()
+        return loss_fn(functional_call(model, parts, (x,)), y)
+
+    dense = hessian(full_loss)(flat0)
+    exact = torch.linalg.eigvalsh(dense).flip(0)
+    built = []
+    real = curvature.HessianOperator
+    monkeypatch.setattr(curvature, "HessianOperator", lambda *a, **k: built.append(1) or real(*a, **k))
+    fake = SimpleNamespace(model=model, loss_fn=loss_fn, batches=batches)
+    out = _curvature(fake, CompareSettings(top_k=3, tol=1e-8, trace_matvecs=200, density=True))
+    assert len(built) == 1
+    assert out["top_eigenvalues"] == pytest.approx(exact[:3].tolist(), rel=1e-6)
+    assert out["trace"] == pytest.approx(float(dense.trace()), rel=1e-6)
+    assert "density" in out and out["hvp_count"] > 200

@@ -163,6 +163,42 @@ def filterwise_noise_(
         torch.addcmul(b, p, std, out=p)
 
 
+def filterwise_noise_into(
+    params: Sequence[Tensor],
+    out: Sequence[Tensor],
+    *,
+    sigma: float,
+    fisher: Sequence[Tensor] | None = None,
+    eta: float = 0.0,
+    generator: GeneratorLike = None,
+    foreach: bool = False,
+) -> None:
+    r"""Write :math:`w + \epsilon` into ``out``, leaving ``params`` untouched.
+
+    The same noise as :func:`filterwise_noise_` with the same generator state,
+    bitwise: the draw goes straight into ``out`` and is turned into
+    :math:`w + \epsilon` in one fused pass, ``out <- w + out * std``. With
+    :math:`w` left in place, an optimizer can point the parameters at ``out``
+    for the perturbed pass and back at :math:`w` afterwards (see
+    :mod:`flatness.optim.wrapper`): no copy of :math:`w` is made at all.
+
+    Args:
+        params: parameters :math:`w` (read only).
+        out: tensors of the same shapes, dtypes and devices that receive
+            :math:`w + \epsilon`.
+        sigma, fisher, eta, foreach: see :func:`filterwise_std`.
+        generator: as for :func:`filterwise_noise_`.
+    """
+    if not params:
+        return
+    stds = filterwise_std(params, sigma=sigma, fisher=fisher, eta=eta, foreach=foreach)
+    # Both paths loop: torch has no _foreach_ random kernel, and no _foreach_
+    # form of ``o <- p + o * std`` with a broadcast per-row std.
+    for p, o, std in zip(params, out, stds):
+        o.normal_(generator=_generator_for(generator, o.device))
+        torch.addcmul(p, o, std, out=o)
+
+
 def sphere_noise_(
     params: Sequence[Tensor],
     backups: Sequence[Tensor],

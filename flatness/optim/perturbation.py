@@ -22,6 +22,10 @@ stashing, BatchNorm handling, the base-optimizer step, checkpointing; see
 A perturbation writes :math:`w + \epsilon` into the parameters in place and an
 exact copy of :math:`w` into the backups the wrapper hands it; the wrapper
 restores :math:`w` by copying the backups back, so the round trip is exact.
+A perturbation with ``can_swap`` (the random ones) can instead leave the
+parameters alone and write :math:`w + \epsilon` into the backups
+(``Slice.swap``); the wrapper then swaps the storages, so :math:`w` is never
+copied and is restored exactly by swapping back.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .noise import filterwise_noise_, fisher_like, update_fisher_
+from .noise import filterwise_noise_, filterwise_noise_into, fisher_like, update_fisher_
 from .rng import NoiseGenerators
 
 
@@ -48,6 +52,9 @@ class Slice:
     states: list[dict[str, Any]]
     foreach: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Write w + eps into ``backups`` and leave ``params`` at w; the wrapper then
+    #: swaps the storages (only for perturbations with ``can_swap``).
+    swap: bool = False
 
 
 class Perturbation:
@@ -61,6 +68,8 @@ class Perturbation:
     """
 
     uses_gradient: ClassVar[bool] = False
+    #: Can write :math:`w+\epsilon` into the backups instead (``Slice.swap``).
+    can_swap: ClassVar[bool] = False
 
     def perturb_(self, slices: Sequence[Slice], rng: NoiseGenerators) -> None:
         """Write :math:`w` into ``slice.backups`` and :math:`w+\\epsilon` into ``slice.params``."""
@@ -146,6 +155,7 @@ class RandomPerturbation(Perturbation):
     """
 
     uses_gradient = False
+    can_swap = True
 
     def __init__(self, adaptive: bool = False) -> None:
         self.adaptive = adaptive
@@ -163,7 +173,7 @@ class RandomPerturbation(Perturbation):
             if not s.params:
                 continue
             fisher = self._fisher(s) if self.adaptive else None
-            filterwise_noise_(
+            (filterwise_noise_into if s.swap else filterwise_noise_)(
                 s.params,
                 s.backups,
                 sigma=s.group["sigma"],

@@ -50,9 +50,26 @@ Performance contract: no host synchronisation inside ``step`` (no ``.item()``,
 ``.cpu()``, ``.tolist()``, no Python branching on tensor values);
 ``torch._foreach_*`` over parameter lists (``foreach=None`` picks them on
 accelerators, as torch.optim does); at most two extra parameter-sized
-buffers - the exact copy of :math:`w` and, for m-(A)RWP, the stashed clean
+buffers - the second weight buffer and, for m-(A)RWP, the stashed clean
 gradient (which *is* the first pass's ``.grad`` tensor, moved aside, not
 copied).
+
+How :math:`w` survives the perturbed pass:
+
+* SAM family: :math:`w` is copied into the buffer, :math:`w+\epsilon` is
+  written into the parameters, and one copy back restores :math:`w`.
+* RWP family (random noise): the noise is drawn into the buffer and turned
+  into :math:`w + \epsilon` there in one fused pass; each parameter's
+  ``.data`` is then pointed at the buffer for the perturbed pass and back at
+  its own, untouched storage afterwards (the official code restores with
+  ``p.data = old_p`` too). :math:`w` is never copied and comes back bit for
+  bit; the noise is the same as with copying, bitwise. A parameter group that
+  holds a parameter sharing its storage (a view into a flat buffer) is
+  perturbed in place and restored by copy instead, so code that reads the
+  weights through the buffer sees the perturbation. Code that captured the
+  parameters' addresses (CUDA graphs, ``torch.compile(mode="reduce-overhead")``)
+  must set ``opt.swap_storage = False`` (copy semantics, two more passes
+  over the weights per update).
 """
 
 from __future__ import annotations
@@ -72,6 +89,17 @@ ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
 Closure = Callable[[], Tensor]
 
 MIX_BATCHES = ("same", "alternate")
+
+
+def _owns_storage(p: Tensor) -> bool:
+    # A parameter that is a view into a larger buffer (flat-parameter schemes)
+    # must be perturbed in place: code may read the weights through the buffer.
+    return (
+        p._base is None
+        and p.storage_offset() == 0
+        and p.is_contiguous()
+        and p.untyped_storage().nbytes() == p.numel() * p.element_size()
+    )
 
 
 def _default_foreach(params: list[Tensor]) -> bool:
@@ -120,6 +148,9 @@ class PerturbedOptimizer(torch.optim.Optimizer):
 
     #: The closure returns per-sample losses and does no backward (delta-SAM).
     per_sample_closure: ClassVar[bool] = False
+    #: Random perturbations run the perturbed pass on a second storage instead
+    #: of copying w (see the module docs); set False on an instance to copy.
+    swap_storage: bool = True
 
     def __init__(
         self,
@@ -212,6 +243,14 @@ class PerturbedOptimizer(torch.optim.Optimizer):
                     self._clean[p] = p.grad
                     p.grad = None
 
+    def _swap(self, params: list[Tensor]) -> bool:
+        """Whether the perturbed pass may run on a second storage (see the class docs)."""
+        return (
+            self.swap_storage
+            and self.perturbation.can_swap
+            and all(_owns_storage(p) for p in params)
+        )
+
     def _perturb(self) -> None:
         slices = []
         for group in self.param_groups:
@@ -224,10 +263,17 @@ class PerturbedOptimizer(torch.optim.Optimizer):
                     grads=[p.grad for p in params] if self.perturbation.uses_gradient else [],
                     states=[self.state[p] for p in params],
                     foreach=self._foreach(group, params),
+                    swap=self._swap(params),
                 )
             )
         self.rng.next_draw()
         self.perturbation.perturb_(slices, self.rng)
+        for s in slices:
+            if s.swap:  # params -> the buffers holding w + eps; backups -> w
+                for i, p in enumerate(s.params):
+                    w = p.data
+                    p.data = s.backups[i]
+                    s.backups[i] = w
         self._perturbed = slices
         self.zero_grad(set_to_none=True)
 
@@ -235,7 +281,10 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         for s in self._perturbed:
             if not s.params:
                 continue
-            if s.foreach:
+            if s.swap:
+                for p, w in zip(s.params, s.backups):
+                    p.data = w
+            elif s.foreach:
                 torch._foreach_copy_(s.params, s.backups)
             else:
                 for p, b in zip(s.params, s.backups):

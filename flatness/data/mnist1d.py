@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 import logging
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in KEYS}
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         log.warning("MNIST-1D cache %s is damaged (%s); generating the data again", path, _reason(e))
         return None
 

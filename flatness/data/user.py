@@ -6,7 +6,7 @@
 * a ``torch.utils.data.DataLoader`` (its dataset is read in order, with its
   ``collate_fn``, unless its sampler is neither sequential nor random, in
   which case the loader is iterated as it is),
-* any other iterable of batches (an ``IterableDataset``, a list of batches),
+* an ``IterableDataset`` (of samples) or a list of samples,
 * the split's tensors themselves: ``(x, y)`` (a tuple or list of tensors
   sharing their first dimension) or a dict of such tensors.
 
@@ -76,7 +76,12 @@ def read_split(data: Any, what: str) -> Split:
 
 
 def _batches(data: Any, what: str) -> Iterable[Any]:
-    """Batches of ``data`` in dataset order (a shuffling DataLoader is read through its dataset)."""
+    """Batches of ``data`` in dataset order (a shuffling DataLoader is read through its dataset).
+
+    A DataLoader yields batches; datasets and lists hold samples, collated by
+    torch's default collate; a tuple/list of tensors (or a dict of tensors)
+    is the split's own tensors, one batch.
+    """
     if isinstance(data, DataLoader):
         if isinstance(data.dataset, IterableDataset) or not isinstance(data.sampler, (SequentialSampler, RandomSampler)):
             return data
@@ -88,7 +93,7 @@ def _batches(data: Any, what: str) -> Iterable[Any]:
     if isinstance(data, dict) or (isinstance(data, (list, tuple)) and data and all(isinstance(t, Tensor) for t in data)):
         return [data]  # the split's own tensors: one batch
     if isinstance(data, (list, tuple)):
-        return data  # a list of batches
+        return DataLoader(data, batch_size=READ_BATCH, shuffle=False)  # a list of samples, collated as torch does
     raise FlatnessError(f"{what} is {_kind(data)}; expected a torch Dataset, a DataLoader or a list of batches")
 
 

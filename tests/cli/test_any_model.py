@@ -160,18 +160,18 @@ def test_surface_of_own_model(user_dir: Path) -> None:
 
 
 def test_compare_own_models(user_dir: Path) -> None:
+    """compare takes a run directory as surface and hessian do: an unfinished run stands for checkpoints/last.pt."""
     torch.manual_seed(1)
     other = {k: v + 0.1 * torch.randn_like(v) for k, v in torch.load(user_dir / "weights.pt").items()}
-    torch.save(other, user_dir / "other.pt")
+    (user_dir / "run_b" / "checkpoints").mkdir(parents=True)
+    torch.save(other, user_dir / "run_b" / "checkpoints" / "last.pt")
     args = ["--samples", "40", "--surface", "none", "--top-k", "2", "--radii", "0", "0.05", "--draws", "4", "--quiet", "--out", "rep"]
-    res = run_cli("compare", "weights.pt", "other.pt", *USER, *args, cwd=user_dir, env=ONE_THREAD)
+    res = run_cli("compare", "weights.pt", "run_b", *USER, *args, cwd=user_dir, env=ONE_THREAD)
     assert res.returncode == 0, res.stderr
     report = json.loads((user_dir / "rep" / "report.json").read_text())
-    text = json.dumps(report)
-    for name in ("weights.pt", "other.pt"):
-        assert name in text
+    assert [Path(e["path"]).name for e in report["checkpoints"]] == ["weights.pt", "last.pt"]
     top = [_lambda_max(e) for e in report["checkpoints"]]
-    refs = [float(torch.linalg.eigvalsh(_dense(torch.load(user_dir / n))[1])[-1]) for n in ("weights.pt", "other.pt")]
+    refs = [float(torch.linalg.eigvalsh(_dense(s)[1])[-1]) for s in (torch.load(user_dir / "weights.pt"), other)]
     np.testing.assert_allclose(top, refs, rtol=1e-4)
 
 

@@ -14,24 +14,55 @@ from flatness.data.cifar import augment_batch
 from flatness.errors import FlatnessError
 
 
-def test_mnist1d_default_shapes_and_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FLATNESS_CACHE", str(tmp_path))
-    ds = load_dataset("mnist1d")
-    assert ds.train.x.shape == (4000, 40) and ds.test.x.shape == (1000, 40)
-    assert ds.train.x.dtype == torch.float32 and ds.train.y.dtype == torch.int64
-    assert ds.num_classes == 10 and set(ds.train.y.tolist()) == set(range(10))
-    assert (tmp_path / "mnist1d_v1.npz").exists()
-    again = load_dataset("mnist1d")  # from the cache
-    assert torch.equal(again.train.x, ds.train.x) and torch.equal(again.test.y, ds.test.y)
-
-
-def test_mnist1d_matches_package_generation() -> None:
+@pytest.fixture(scope="module")
+def mnist1d_reference() -> dict[str, np.ndarray]:
+    """MNIST-1D straight from the mnist1d package's own generator, with its default arguments."""
     from mnist1d.data import get_dataset_args, make_dataset
 
-    ref = make_dataset(get_dataset_args())
-    ds = load_dataset("mnist1d")
-    np.testing.assert_array_equal(ds.train.x.numpy(), ref["x"].astype(np.float32))
-    np.testing.assert_array_equal(ds.test.y.numpy(), ref["y_test"])
+    data = make_dataset(get_dataset_args())
+    return {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
+
+
+def _assert_mnist1d(ds, ref: dict[str, np.ndarray]) -> None:  # noqa: ANN001 - a Dataset
+    got = {"x": ds.train.x, "y": ds.train.y, "x_test": ds.test.x, "y_test": ds.test.y}
+    for key, tensor in got.items():
+        assert tensor.dtype == (torch.float32 if key.startswith("x") else torch.int64), key
+        np.testing.assert_array_equal(tensor.numpy(), ref[key].astype(tensor.numpy().dtype), err_msg=key)
+    assert ds.num_classes == 10 and ds.train.x.shape == (4000, 40) and ds.test.x.shape == (1000, 40)
+
+
+def test_mnist1d_matches_package_generator_generated_and_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mnist1d_reference: dict[str, np.ndarray]
+) -> None:
+    monkeypatch.setenv("FLATNESS_CACHE", str(tmp_path))  # an empty cache: the loader generates
+    _assert_mnist1d(load_dataset("mnist1d"), mnist1d_reference)
+    assert (tmp_path / "mnist1d_v1.npz").exists()
+    monkeypatch.setattr("flatness.data.mnist1d._generate", lambda: pytest.fail("the cache was not used"))
+    _assert_mnist1d(load_dataset("mnist1d"), mnist1d_reference)  # from the cache
+
+
+def test_mnist1d_damaged_cache_is_reported_and_regenerated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, mnist1d_reference: dict[str, np.ndarray]
+) -> None:
+    monkeypatch.setenv("FLATNESS_CACHE", str(tmp_path))
+    monkeypatch.setattr("flatness.data.mnist1d._generate", lambda: dict(mnist1d_reference))
+    (tmp_path / "mnist1d_v1.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with caplog.at_level("WARNING", logger="flatness"):
+        _assert_mnist1d(load_dataset("mnist1d"), mnist1d_reference)
+    assert any("mnist1d_v1.npz is damaged" in r.getMessage() for r in caplog.records), caplog.text
+    with np.load(tmp_path / "mnist1d_v1.npz") as f:  # rewritten whole
+        np.testing.assert_array_equal(f["y_test"], mnist1d_reference["y_test"])
+
+
+def test_mnist1d_unwritable_cache_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, mnist1d_reference: dict[str, np.ndarray]
+) -> None:
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("FLATNESS_CACHE", str(tmp_path / "a_file" / "cache"))  # cannot be created, not even by root
+    monkeypatch.setattr("flatness.data.mnist1d._generate", lambda: dict(mnist1d_reference))
+    with caplog.at_level("WARNING", logger="flatness"):
+        _assert_mnist1d(load_dataset("mnist1d"), mnist1d_reference)
+    assert any("cannot write the MNIST-1D cache" in r.getMessage() and "FLATNESS_CACHE" in r.getMessage() for r in caplog.records), caplog.text
 
 
 def _write_cifar10(root: Path, n: int = 6, seed: int = 0) -> Path:
@@ -137,3 +168,105 @@ def test_analysis_batches_are_first_samples_in_order() -> None:
         analysis_batches(ds.train, samples=0)
     with pytest.raises(FlatnessError, match="more than"):
         analysis_batches(ds.train, samples=10**6)
+
+
+# ---------------------------------------------------------------- the user's own data (--data module:fn)
+USER_DATA = '''
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+
+g = torch.Generator().manual_seed(0)
+X, Y = torch.randn(30, 4, generator=g), torch.arange(30) % 3
+TOKENS = torch.randint(0, 9, (30, 6), generator=g)
+
+
+class Dicts(Dataset):
+    def __len__(self):
+        return 30
+
+    def __getitem__(self, i):
+        return {"ids": TOKENS[i], "label": int(Y[i])}
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        return iter(zip(X, Y))
+
+
+def loaders():  # shuffling loader: read in dataset order
+    return DataLoader(TensorDataset(X, Y), batch_size=7, shuffle=True), DataLoader(TensorDataset(X[:9], Y[:9]), batch_size=4)
+
+def tensors():
+    return (X, Y), [X[:5], Y[:5]]
+
+def dicts():
+    return Dicts(), Dicts()
+
+def stream():
+    return Stream(), TensorDataset(X[:3], Y[:3])
+
+def tokens(n=30):
+    return TensorDataset(TOKENS[:n]), TensorDataset(TOKENS[:4])
+
+def one():
+    return TensorDataset(X, Y)
+
+def strings():
+    return [("a", 1)], [("b", 2)]
+
+def mixed():
+    return TensorDataset(X, Y), TensorDataset(X)
+
+def ragged():
+    return (X, Y[:10]), (X, Y)
+'''
+
+
+@pytest.fixture
+def user_data(tmp_path: Path) -> str:
+    (tmp_path / "userdata.py").write_text(USER_DATA)
+    return str(tmp_path / "userdata.py")
+
+
+def _user_tensors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 4, generator=g)
+    return x, torch.arange(30) % 3, torch.randint(0, 9, (30, 6), generator=g)
+
+
+@pytest.mark.parametrize("fn", ["loaders", "tensors", "stream"])
+def test_user_data_pairs_in_dataset_order(user_data: str, fn: str) -> None:
+    x, y, _ = _user_tensors()
+    ds = load_dataset(f"{user_data}:{fn}")
+    assert ds.train.classic and torch.equal(ds.train.x, x) and torch.equal(ds.train.y, y)
+    assert ds.num_classes == 3 and ds.input_shape == (4,)
+    batches = analysis_batches(ds.train, samples=20, batch_size=8)
+    assert [type(b) for b in batches] == [tuple] * 3 and torch.equal(torch.cat([b[0] for b in batches]), x[:20])
+
+
+def test_user_data_keeps_sample_structure(user_data: str) -> None:
+    _, y, tokens = _user_tensors()
+    ds = load_dataset(f"{user_data}:dicts")
+    batch = analysis_batches(ds.train, batch_size=8)[0]
+    assert set(batch) == {"ids", "label"} and torch.equal(batch["ids"], tokens[:8]) and torch.equal(batch["label"], y[:8])
+    assert ds.num_classes is None  # not an (x, y) pair
+    ds = load_dataset(f"{user_data}:tokens", kwargs={"n": 12})  # 1-tuples stay 1-tuples; kwargs reach the callable
+    batch = analysis_batches(ds.train, batch_size=5)[-1]
+    assert isinstance(batch, tuple) and len(batch) == 1 and torch.equal(batch[0], tokens[10:12])
+
+
+@pytest.mark.parametrize(
+    "fn, pattern",
+    [
+        ("one", r"must return \(train, test\) datasets or DataLoaders; it returned a torch.utils.data.dataset.TensorDataset"),
+        ("strings", r"the train data of .* holds .*; samples must be tensors, numbers or arrays"),
+        ("mixed", r"differ in structure: \(float32\[4\], int64\[\]\) vs \(float32\[4\]\)"),
+        ("ragged", r"cannot be held as tensors: the tensors of a split must share their first dimension"),
+        ("nothing", r"has no attribute 'nothing'"),
+    ],
+)
+def test_user_data_errors(user_data: str, fn: str, pattern: str) -> None:
+    with pytest.raises(FlatnessError, match=pattern):
+        load_dataset(f"{user_data}:{fn}")
+    with pytest.raises(FlatnessError, match="does not take these arguments"):
+        load_dataset(f"{user_data}:loaders", kwargs={"colour": 1})

@@ -47,3 +47,21 @@ def test_bad_model_name_and_kwargs() -> None:
         build_model("resnet50")
     with pytest.raises(FlatnessError, match="does not take"):
         build_model("mlp", colour="red")
+
+
+def test_user_model_by_callable_spec(tmp_path) -> None:  # noqa: ANN001
+    from flatness.models import default_model_kwargs
+
+    (tmp_path / "net.py").write_text(
+        "from torch import nn\n\nclass Net(nn.Sequential):\n    def __init__(self, width=3):\n        super().__init__(nn.Linear(2, width))\n\n"
+        "def not_a_model():\n    return 'model'\n"
+    )
+    model = build_model(f"{tmp_path / 'net.py'}:Net", width=5)  # a class is a callable too
+    assert isinstance(model, torch.nn.Module) and model[0].out_features == 5
+    assert default_model_kwargs(f"{tmp_path / 'net.py'}:Net", 10, (2,)) == {}  # the user's kwargs only
+    with pytest.raises(FlatnessError, match=r"does not take these arguments \{'depth': 2\}"):
+        build_model(f"{tmp_path / 'net.py'}:Net", depth=2)
+    with pytest.raises(FlatnessError, match="returned str, expected a torch.nn.Module"):
+        build_model(f"{tmp_path / 'net.py'}:not_a_model")
+    with pytest.raises(FlatnessError, match="no such file"):
+        build_model(f"{tmp_path / 'gone.py'}:Net")

@@ -142,7 +142,7 @@ def _check_target(run: RunDir, *, resume: bool) -> None:
 def _locked(run: RunDir) -> Iterator[None]:
     """Exclusive ``flock`` on the run's lock file (released when the process ends, even by SIGKILL)."""
     try:
-        fd = os.open(run.lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        fd = os.open(run.lock, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
     except OSError as e:
         raise FlatnessError(f"cannot write to run directory {run.root}: {e.strerror}; make it writable or train into another --out") from None
     try:

@@ -89,3 +89,122 @@ def test_help_has_examples() -> None:
     assert r.returncode == 0 and "examples:" in r.stdout and "--resume" in r.stdout
     # the comparison protocol is stated where users look
     assert "epochs' worth of" in r.stdout and "2E data" in r.stdout
+
+
+# ---------------------------------------------------------------- issue 14: the train cases
+SMALL = ["--model", "mlp", "--data", "synthetic", "--batch-size", "64", "--quiet", "--device", "cpu"]
+
+
+def _one_error_line(r: subprocess.CompletedProcess, pattern: str) -> str:
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr, r.stderr
+    assert __import__("re").search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (but the lock file) with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.parametrize("seed", ["1e20", "100000000000000000000", "-1", "9223372036854775808"])
+def test_out_of_range_seed(tmp_path: Path, seed: str) -> None:
+    r = run_cli("train", *SMALL, "--epochs", "1", "--seed", seed, "--out", str(tmp_path / "run"))
+    _one_error_line(r, "--seed")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag", ["--save-every", "--val-split", "--cutout", "--batch-size", "--track-curvature"])
+def test_out_of_range_ints(tmp_path: Path, flag: str) -> None:
+    r = run_cli("train", *SMALL, "--epochs", "1", flag, "-3", "--out", str(tmp_path / "run"))
+    _one_error_line(r, flag)
+    r = run_cli("train", *SMALL, "--epochs", "1", flag, str(2**70), "--out", str(tmp_path / "run"))
+    _one_error_line(r, flag)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_of_missing_directory_is_refused(tmp_path: Path) -> None:
+    r = run_cli("train", *SMALL, "--epochs", "1", "--resume", "--out", str(tmp_path / "nothing"))
+    line = _one_error_line(r, "no run in .*nothing")
+    assert "without --resume" in line
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_resume_with_fewer_epochs_than_done_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert run_cli("train", *SMALL, "--epochs", "3", "--out", str(run)).returncode == 0
+    before = _snapshot(run)
+    r = run_cli("train", "--resume", "--epochs", "1", "--out", str(run))
+    _one_error_line(r, r"already trained 3 epochs .*--epochs 1 is fewer.*--epochs 3 or more")
+    assert _snapshot(run) == before
+
+
+def _without_dac_override() -> None:
+    """preexec_fn: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so root obeys file permissions.
+
+    The tests run as root, where a read-only folder does not stop writes.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def _run_restricted(*args: str) -> subprocess.CompletedProcess:
+    preexec = _without_dac_override if os.geteuid() == 0 else None
+    return subprocess.run([sys.executable, "-m", "flatness", *args], cwd=RUN_DIR, env={**os.environ}, capture_output=True,
+                          text=True, timeout=300, preexec_fn=preexec)
+
+
+def test_resume_on_unwritable_run_dir(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert run_cli("train", *SMALL, "--epochs", "2", "--out", str(run)).returncode == 0
+    (run / "final.pt").unlink()  # an unfinished run
+    before = _snapshot(run)
+    run.chmod(0o555)
+    (run / "checkpoints").chmod(0o555)
+    try:
+        r = _run_restricted("train", "--resume", "--out", str(run))
+    finally:
+        run.chmod(0o755)
+        (run / "checkpoints").chmod(0o755)
+    _one_error_line(r, f"cannot write to {run}: Permission denied; make it writable")
+    assert _snapshot(run) == before
+
+
+def test_force_keeps_old_run_when_checkpoints_cannot_be_written(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert run_cli("train", *SMALL, "--epochs", "2", "--out", str(run)).returncode == 0
+    before = _snapshot(run)
+    (run / "checkpoints").chmod(0o555)
+    try:
+        r = _run_restricted("train", *SMALL, "--epochs", "2", "--seed", "1", "--force", "--out", str(run))
+    finally:
+        (run / "checkpoints").chmod(0o755)
+    _one_error_line(r, f"cannot write to {run / 'checkpoints'}: Permission denied")
+    assert _snapshot(run) == before  # final.pt, metrics.jsonl, config.json and the checkpoints all intact
+
+
+def test_second_train_on_a_running_run_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "flatness", "train", *SMALL, "--epochs", "100000", "--out", str(run)],
+                             cwd=RUN_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (run / "checkpoints" / "last.pt").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read().decode()[-2000:]
+        r = run_cli("train", "--resume", "--out", str(run))
+        _one_error_line(r, "in use by another flatness train")
+        r = run_cli("train", *SMALL, "--epochs", "1", "--force", "--out", str(run))
+        _one_error_line(r, "in use by another flatness train")
+        assert first.poll() is None  # the first run was not disturbed
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # once the holder is gone (even by SIGKILL), the lock is free again
+    r = run_cli("train", "--resume", "--epochs", "1", "--out", str(run))
+    assert r.returncode in (0, 2) and "in use" not in r.stderr

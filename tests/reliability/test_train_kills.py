@@ -28,7 +28,8 @@ BASE = ["--model", "mlp", "--data", "mnist1d", "--epochs", "4", "--batch-size", 
 METHODS = {
     "sgd": ["--method", "sgd"],
     "sam": ["--method", "sam", "--rho", "0.05"],
-    "m-arwp": ["--method", "m-arwp", "--sigma", "0.02", "--mix-batches", "alternate", "--sigma-inc", "1"],
+    # alternate scheme: --epochs 2 is 4 data epochs (the same updates as 2 epochs of SGD)
+    "m-arwp": ["--method", "m-arwp", "--sigma", "0.02", "--mix-batches", "alternate", "--sigma-inc", "1", "--epochs", "2"],
 }
 KILLS_PER_METHOD = 4
 
@@ -63,32 +64,31 @@ def test_random_kills_then_resume(tmp_path: Path, method: str, kill_log: list) -
         last = run / "checkpoints" / "last.pt"
         before = last.stat().st_mtime_ns if last.exists() else None
         proc = subprocess.Popen(cmd, cwd=RUN_DIR, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if attempt == 0:
-            time.sleep(rng.uniform(0.2, 1.5))  # during start-up, before or while the run dir is made
-        else:
-            # wait until this process has written a checkpoint, then kill a random moment later
-            # (mid-epoch, or in the middle of the next checkpoint write)
-            deadline = time.time() + 120
-            while proc.poll() is None and time.time() < deadline:
-                now = last.stat().st_mtime_ns if last.exists() else None
-                if now is not None and now != before:
-                    break
-                time.sleep(0.005)
-            time.sleep(rng.uniform(0.0, 0.3))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kills += 1
-            # every checkpoint that exists after a kill is complete and loads
-            for ck in list((run / "checkpoints").glob("*.pt")) if (run / "checkpoints").exists() else []:
-                read_checkpoint_file(ck)
-        else:
-            assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
-            break
+        # Wait until this process has work in progress: on the first attempt until it wrote the run's
+        # config.json (start-up done, run dir being filled), later until it wrote a new checkpoint; then
+        # kill a random moment later (mid-epoch, or in the middle of the next checkpoint write).
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            now = last.stat().st_mtime_ns if last.exists() else None
+            if (attempt == 0 and (run / "config.json").exists()) or (now is not None and now != before):
+                break
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.05 if attempt == 0 else 0.3))
+        in_progress = (run / "config.json").exists() and not (run / "final.pt").exists()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        # The kill landed: the process died by SIGKILL (not a normal exit) while a partial run existed.
+        assert proc.returncode == -signal.SIGKILL, (attempt, proc.returncode, proc.stderr.read().decode()[-2000:])
+        assert in_progress and not (run / "final.pt").exists(), f"attempt {attempt}: no work was in progress when the kill landed"
+        kills += 1
+        # every checkpoint that exists after a kill is complete and loads
+        for ck in (run / "checkpoints").glob("*.pt"):
+            read_checkpoint_file(ck)
     kill_log.append((method, kills, KILLS_PER_METHOD))
     if not (run / "final.pt").exists():
         r = run_cli("train", *args, "--out", str(run), "--resume")
         assert r.returncode == 0, r.stderr
+    assert kills == KILLS_PER_METHOD
     a, b = read_checkpoint_file(ref / "final.pt"), read_checkpoint_file(run / "final.pt")
     assert _tensors_equal(a["state_dict"], b["state_dict"])
     assert _tensors_equal(a["optimizer"], b["optimizer"])
@@ -102,4 +102,6 @@ def kill_log():
     yield log
     landed = sum(k for _, k, _ in log)
     tried = sum(t for _, _, t in log)
-    sys.stderr.write(f"\n[reliability] train kills landed mid-run: {landed} of {tried} tried ({log})\n")
+    message = f"kills landed: {landed} of {tried} (flatness train, SIGKILL mid-run; {log})"
+    sys.stderr.write(f"\n[reliability] {message}\n")
+    print(message)

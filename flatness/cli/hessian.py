@@ -6,7 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
-from flatness.cli.common import add_command, add_common, check_output_file, positive_int, require_file
+from flatness.cli.common import (
+    SOURCES_HELP,
+    add_command,
+    add_common,
+    add_sources,
+    check_output_file,
+    positive_int,
+    require_file,
+    sources_from_args,
+)
 from flatness.errors import FlatnessError
 
 EXAMPLES = """\
@@ -16,7 +25,10 @@ EXAMPLES = """\
       --samples 5000 --batch-size 500 --device cuda --out r18.json
   torchrun --nproc_per_node 2 -m flatness hessian runs/sgd/final.pt --out sgd_hessian.json
   flatness plot marwp_hessian.json --log --out density.png   # draws the spectral density (needs --density)
-"""
+  flatness hessian my_weights.pt --model mymod.py:build --data mymod.py:data --out mine.json   # your own code
+  flatness hessian runs/lm --loss mymod.py:lm_loss --samples 512 --out lm.json               # a run directory
+
+""" + SOURCES_HELP
 
 
 def positive_float(text: str) -> float:
@@ -58,9 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=1000, help="samples per batch (memory only)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="precision of the Hessian-vector products")
     p.add_argument("--backend", choices=BACKENDS, default="graph", help="how Hessian-vector products are computed")
-    p.add_argument("--model", default=None, help="model name, for plain state_dicts from other tools")
-    p.add_argument("--data", default=None, help="dataset (default: the checkpoint's)")
-    p.add_argument("--data-dir", default=None, help="folder of the CIFAR python-pickle batches")
+    add_sources(p)
     add_common(p)
     p.set_defaults(func=run)
 
@@ -72,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     from flatness.distributed import init_from_env, local_device
     from flatness.progress import progress
 
-    require_file(args.checkpoint, "checkpoint")
+    from flatness.checkpoint import resolve_checkpoint_path
+
+    require_file(resolve_checkpoint_path(args.checkpoint)[0], "checkpoint")  # a run directory stands for its final.pt
     out = Path(args.out)
     if out.suffix.lower() != ".json":
         raise FlatnessError(f"--out must name a .json file, got {out}")
@@ -103,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
                 device=device,
                 seed=args.seed,
                 on_hvp=lambda _count: bar.update(1),
+                sources=sources_from_args(args),
             )
         if dist.is_main:
             try:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from flatness.analysis import prepare_analysis
+from flatness.analysis import Sources, prepare_analysis
 from flatness.curvature.density import slq_density
 from flatness.curvature.lanczos import lanczos_top_eigs
 from flatness.curvature.operator import HessianOperator
@@ -53,6 +53,7 @@ def hessian_report(
     device: torch.device | str = "cpu",
     seed: int = 0,
     on_hvp: Callable[[int], None] | None = None,
+    sources: Sources | None = None,
 ) -> dict[str, Any]:
     """Top eigenvalues (and optionally trace and spectral density) of a checkpoint's loss Hessian.
 
@@ -83,6 +84,8 @@ def hessian_report(
         device: where to compute.
         seed: seed of all random start vectors and probes.
         on_hvp: called with the running product count after every product.
+        sources: the user's own model / data / loss (overrides ``model``,
+            ``data``, ``data_dir``; see :class:`flatness.analysis.Sources`).
 
     Returns:
         A JSON-ready dict (module docstring for the keys).
@@ -100,7 +103,8 @@ def hessian_report(
     if trace and trace_matvecs < (4 if trace_method == "hutch++" else 2):
         raise FlatnessError(f"--trace-matvecs must be at least {4 if trace_method == 'hutch++' else 2} for {trace_method}, got {trace_matvecs}")
     analysis = prepare_analysis(
-        checkpoint, model=model, data=data, data_dir=data_dir, split=split, samples=samples, batch_size=batch_size, device=device
+        checkpoint, model=model, data=data, data_dir=data_dir, split=split, samples=samples, batch_size=batch_size, device=device,
+        sources=sources,
     )
     world = dist_info().world_size
     batches = _at_least(analysis.batches, world)
@@ -119,6 +123,7 @@ def hessian_report(
         "checkpoint": str(checkpoint),
         "model": analysis.checkpoint.model_name,
         "dataset": analysis.dataset,
+        "loss_name": analysis.loss,
         "split": split,
         "samples": analysis.samples,
         "num_params": n,

@@ -13,12 +13,19 @@ rising from :math:`\sigma_0` to :math:`\sigma_0(1 + \text{inc})`; after
 :math:`T` it stays there (the official code lets the cosine turn back down,
 which never happens when :math:`T` is the length of the run).
 
-The formula is the official one (nblt/mARWP, ``CosineInc`` in
-``train_marwp.py``); the official *flag* ``--incstd`` parameterises it
-differently: ``--sigma`` is the final value and the start is the weight decay
-(:math:`\sigma_0 = \text{wd}`, :math:`\text{inc} = \sigma/\text{wd} - 1`), with
-:math:`T` = all batches of the doubled epoch count. :meth:`CosineInc.from_range`
-builds exactly that; the plain constructor starts at the optimizer's ``sigma``.
+The formula is the official one (nblt/mARWP, class ``CosineInc`` in both
+training scripts, stepped once per batch); the scripts parameterise it
+differently:
+
+* ``train_rwp_cos.py`` (single-pass ARWP): always on, from ``--std`` to
+  ``std * (1 + --inc)`` (``--inc`` default 15) over ``epochs * len(loader)``
+  batches. That is the plain constructor, ``CosineInc(opt, total_steps, inc)``,
+  starting at the optimizer's ``sigma``.
+* ``train_marwp.py`` (m-ARWP, alternate batches), flag ``--incstd``: ``--sigma``
+  is the *final* value and the start is the *weight decay*
+  (:math:`\sigma_0 = \text{wd}`, :math:`\text{inc} = \sigma/\text{wd} - 1`), over
+  all batches of the doubled epoch count. :meth:`CosineInc.from_range`
+  (``start=weight_decay, end=sigma``) builds exactly that.
 """
 
 from __future__ import annotations

@@ -114,40 +114,50 @@ def prepare_analysis(
     ds = load_dataset(name, data_dir, augment=False, kwargs=kwargs)
     loss_fn = resolve_loss(src.loss or ckpt.loss)
     batches = analysis_batches(ds.split(split), samples=samples, batch_size=batch_size, device=device)
-    check_fit(ckpt, ds, loss_fn, batches[0])
+    check_fit(ckpt.model, loss_fn, batches[0], what=f"model {ckpt.model_name!r} of {file}", data=name, num_classes=ds.num_classes)
     n = len(ds.split(split)) if samples is None else samples
     return Analysis(ckpt, batches, loss_fn, name, split, n, loss_name(loss_fn), run_dir, ds)
 
 
-def check_fit(ckpt: Checkpoint, ds: Dataset, loss_fn: LossFn, batch: Batch) -> None:
-    """One forward pass on two samples: the model, data and loss must fit together.
+def check_fit(model: nn.Module, loss_fn: LossFn, batch: Batch, *, what: str, data: str, num_classes: int | None = None) -> None:
+    """One forward pass (no grad) on two samples of ``batch``: the model, data and loss must fit together.
+
+    Used by the analysis commands and the trainer before any work or write.
+
+    Args:
+        model: the network (its mode is left as it is).
+        loss_fn: ``loss_fn(output, target)`` or a :class:`flatness.losses.ModelLoss`.
+        batch: a batch of the data, in its own structure.
+        what: how the model is named in messages, e.g. ``"model 'cnn1d' of a.pt"``.
+        data: the data spec, for messages.
+        num_classes: classes of ``(x, y)`` classification data (checked
+            against the output width for cross-entropy), None when unknown.
 
     Raises:
         FlatnessError: naming the model, the data and what did not fit.
     """
     small = _head(batch, 2)
-    what = f"model {ckpt.model_name!r} of {ckpt.path}"
     if isinstance(loss_fn, ModelLoss):
         try:
             with torch.no_grad():
-                value = loss_fn(ckpt.model, small)
+                value = loss_fn(model, small)
         except MISFIT_ERRORS as e:
-            raise FlatnessError(f"loss {loss_fn.name!r} fails on {what} with {ds.name} data: {_first_line(e)}") from None
+            raise FlatnessError(f"loss {loss_fn.name!r} fails on {what} with {data} data: {_first_line(e)}") from None
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             raise FlatnessError(f"loss {loss_fn.name!r} must return a scalar tensor (the mean over the batch), got {_describe(value)}")
         return
     if not (isinstance(small, tuple) and len(small) == 2):
         raise FlatnessError(
-            f"{ds.name} yields batches of {_describe(small)}, not (inputs, targets) pairs: pass --loss module:fn taking (model, batch)"
+            f"{data} yields batches of {_describe(small)}, not (inputs, targets) pairs: pass --loss module:fn taking (model, batch)"
         )
     try:
         with torch.no_grad():
-            out = ckpt.model(small[0])
+            out = model(small[0])
             loss_fn(out, small[1])
     except MISFIT_ERRORS as e:
-        raise FlatnessError(f"{what} does not fit {ds.name} data and loss {loss_name(loss_fn)!r}: {_first_line(e)}") from None
-    if ds.num_classes is not None and loss_fn is nn.functional.cross_entropy and out.shape[-1] < ds.num_classes:
-        raise FlatnessError(f"{what} has {out.shape[-1]} outputs, but {ds.name} has {ds.num_classes} classes")
+        raise FlatnessError(f"{what} does not fit {data} data and loss {loss_name(loss_fn)!r}: {_first_line(e)}") from None
+    if num_classes is not None and loss_fn is nn.functional.cross_entropy and out.shape[-1] < num_classes:
+        raise FlatnessError(f"{what} has {out.shape[-1]} outputs, but {data} has {num_classes} classes")
 
 
 def _head(batch: Batch, n: int) -> Batch:

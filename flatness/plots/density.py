@@ -11,9 +11,12 @@ object-oriented API on an Agg canvas (no pyplot state, no GUI backend).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flatness.errors import FlatnessError
+
+if TYPE_CHECKING:
+    from flatness.curvature.density import DensityResult
 
 FORMATS = (".png", ".pdf", ".svg")
 
@@ -22,13 +25,15 @@ FORMATS = (".png", ".pdf", ".svg")
 _LOG_FLOOR = 1e-8
 
 
-def plot_spectral_density(result: dict[str, Any], out: Path, *, log: bool = True) -> Path:
+def plot_spectral_density(result: dict[str, Any] | DensityResult, out: Path, *, log: bool = True) -> Path:
     """Draw the spectral density of a hessian result and save it to ``out``.
 
     Args:
         result: the JSON object written by ``flatness hessian --density``
             (needs ``density.grid`` and ``density.values``; uses
-            ``top_eigenvalues``, ``trace`` and ``checkpoint`` when present).
+            ``top_eigenvalues``, ``trace`` and ``checkpoint`` when present),
+            or a :class:`flatness.curvature.DensityResult` from the Python
+            API (``spectral_density(...)``).
         out: the figure file; ``.png``, ``.pdf`` or ``.svg``.
         log: logarithmic density axis.
 
@@ -43,6 +48,10 @@ def plot_spectral_density(result: dict[str, Any], out: Path, *, log: bool = True
         >>> r = {"density": {"grid": [0.0, 0.5, 1.0], "values": [0.1, 1.0, 0.1]}}
         >>> plot_spectral_density(r, Path("/tmp/density.png"))  # doctest: +SKIP
     """
+    from flatness.curvature.density import DensityResult
+
+    if isinstance(result, DensityResult):
+        result = {"density": result.to_dict()}
     out = Path(out)
     if out.suffix.lower() not in FORMATS:
         raise FlatnessError(f"figure {out} must end in .png, .pdf or .svg")

@@ -52,3 +52,11 @@ def test_errors(tmp_path: Path, result: dict, out: str, message: str) -> None:
     with pytest.raises(FlatnessError, match=message):
         plot_spectral_density(result, tmp_path / out)
     assert not (tmp_path / out).exists()
+
+
+def test_accepts_a_density_result(tmp_path: Path) -> None:
+    """The Python API's DensityResult plots directly, the same curve as its JSON form."""
+    ev = torch.cat([torch.zeros(50), torch.tensor([3.0, 5.0])]).double()
+    d = slq_density(torch.diag(ev), 20, 1, num_points=300)
+    out = plot_spectral_density(d, tmp_path / "d.png")
+    assert out.read_bytes()[:8] == PNG

@@ -22,6 +22,7 @@ from flatness.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint_
 from flatness.data import Dataset, analysis_batches, load_dataset
 from flatness.data.base import Batch, map_batch
 from flatness.errors import FlatnessError
+from flatness.hooks import is_callable_spec
 from flatness.losses import LossFn, ModelLoss, loss_name, resolve_loss
 
 # Exceptions a user's model, data or loss raises when they do not fit together
@@ -63,6 +64,9 @@ class Sources:
     Every field None means "as recorded in the checkpoint". ``model`` and
     ``data`` are registry names or callable specs (``module:fn`` /
     ``file.py:fn``); ``loss`` is ``cross_entropy``, ``mse`` or a callable spec.
+    ``data`` other than the data the checkpoint was trained on is refused
+    unless ``allow_other_data`` (``--allow-other-data``): a Hessian or a
+    surface on other data is legal but rarely what was meant.
     """
 
     model: str | None = None
@@ -71,6 +75,7 @@ class Sources:
     data_kwargs: dict[str, Any] | None = None
     data_dir: str | Path | None = None
     loss: str | None = None
+    allow_other_data: bool = False
 
 
 def prepare_analysis(
@@ -111,12 +116,28 @@ def prepare_analysis(
         raise FlatnessError(f"checkpoint {file} does not say which dataset it was trained on: pass --data")
     data_dir = src.data_dir if src.data_dir is not None else ckpt.config.get("data_dir")
     kwargs = src.data_kwargs if src.data_kwargs is not None else (ckpt.config.get("data_kwargs") if src.data is None else None)
-    ds = load_dataset(name, data_dir, augment=False, kwargs=kwargs)
+    ds = load_dataset(name, data_dir, augment=False, kwargs=kwargs)  # its own errors first (missing files...)
+    _check_same_data(file, ckpt.dataset, src)
     loss_fn = resolve_loss(src.loss or ckpt.loss)
     batches = analysis_batches(ds.split(split), samples=samples, batch_size=batch_size, device=device)
     check_fit(ckpt.model, loss_fn, batches[0], what=f"model {ckpt.model_name!r} of {file}", data=name, num_classes=ds.num_classes)
     n = len(ds.split(split)) if samples is None else samples
     return Analysis(ckpt, batches, loss_fn, name, split, n, loss_name(loss_fn), run_dir, ds)
+
+
+def _check_same_data(file: Path, recorded: str | None, src: Sources) -> None:
+    """Refuse ``--data`` other than the checkpoint's own, unless allowed.
+
+    The user's own data callable may have moved (another file or module):
+    the same function name counts as the same data.
+    """
+    if src.data is None or recorded is None or src.allow_other_data or src.data == recorded:
+        return
+    if is_callable_spec(src.data) and is_callable_spec(recorded) and src.data.rpartition(":")[2] == recorded.rpartition(":")[2]:
+        return
+    raise FlatnessError(
+        f"checkpoint {file} was trained on {recorded!r}, but --data is {src.data!r}; pass --allow-other-data to measure it on other data"
+    )
 
 
 def check_fit(model: nn.Module, loss_fn: LossFn, batch: Batch, *, what: str, data: str, num_classes: int | None = None) -> None:

@@ -133,6 +133,7 @@ def add_sources(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, de
     parser.add_argument("--data-kwargs", type=json_object, default=None, metavar="JSON", help=f"keyword arguments of a --data callable{own}")
     parser.add_argument("--data-dir", default=None, help=f"folder with the CIFAR python-pickle batches{own}")
     parser.add_argument("--loss", default=None, metavar="NAME|MODULE:FN", help=f"cross_entropy, mse, or a callable loss(model, batch) (default: {default}, else cross_entropy){own}")
+    parser.add_argument("--allow-other-data", action="store_true", help="measure on --data other than the checkpoint was trained on")
 
 
 def sources_from_args(args: argparse.Namespace):  # noqa: ANN201 - flatness.analysis.Sources, imported lazily (torch)
@@ -141,5 +142,5 @@ def sources_from_args(args: argparse.Namespace):  # noqa: ANN201 - flatness.anal
 
     return Sources(
         model=args.model, model_kwargs=args.model_kwargs, data=args.data, data_kwargs=args.data_kwargs,
-        data_dir=args.data_dir, loss=args.loss,
+        data_dir=args.data_dir, loss=args.loss, allow_other_data=args.allow_other_data,
     )

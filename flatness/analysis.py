@@ -11,6 +11,8 @@ as device-resident batches, in dataset order and without augmentation.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,13 +118,26 @@ def prepare_analysis(
         raise FlatnessError(f"checkpoint {file} does not say which dataset it was trained on: pass --data")
     data_dir = src.data_dir if src.data_dir is not None else ckpt.config.get("data_dir")
     kwargs = src.data_kwargs if src.data_kwargs is not None else (ckpt.config.get("data_kwargs") if src.data is None else None)
-    ds = load_dataset(name, data_dir, augment=False, kwargs=kwargs)  # its own errors first (missing files...)
+    with _recorded(file, "data", name if src.data is None else None, "--data"):
+        ds = load_dataset(name, data_dir, augment=False, kwargs=kwargs)  # its own errors first (missing files...)
     _check_same_data(file, ckpt.dataset, src)
-    loss_fn = resolve_loss(src.loss or ckpt.loss)
+    with _recorded(file, "loss", ckpt.loss if src.loss is None else None, "--loss"):
+        loss_fn = resolve_loss(src.loss or ckpt.loss)
     batches = analysis_batches(ds.split(split), samples=samples, batch_size=batch_size, device=device)
     check_fit(ckpt.model, loss_fn, batches[0], what=f"model {ckpt.model_name!r} of {file}", data=name, num_classes=ds.num_classes)
     n = len(ds.split(split)) if samples is None else samples
     return Analysis(ckpt, batches, loss_fn, name, split, n, loss_name(loss_fn), run_dir, ds)
+
+
+@contextlib.contextmanager
+def _recorded(file: Path, what: str, spec: str | None, flag: str) -> Iterator[None]:
+    """User code recorded in a checkpoint that fails to load: say so, and how to point at where it is now."""
+    try:
+        yield
+    except FlatnessError as e:
+        if spec is None or not is_callable_spec(spec):
+            raise
+        raise FlatnessError(f"checkpoint {file} records {what} {spec!r}, which cannot be loaded ({e}); pass {flag} with where that code is now") from None
 
 
 def _check_same_data(file: Path, recorded: str | None, src: Sources) -> None:

@@ -104,6 +104,10 @@ def test_recorded_user_code_moved(user_ckpt: Path) -> None:
     module.rename(moved)
     with pytest.raises(FlatnessError, match=r"needs model '.*bag.py:Bag', which cannot be rebuilt \(no such file .*\); pass --model"):
         prepare_analysis(user_ckpt)
+    with pytest.raises(FlatnessError, match=r"records data '.*bag.py:data', which cannot be loaded \(no such file .*\); pass --data"):
+        prepare_analysis(user_ckpt, sources=Sources(model=f"{moved}:Bag"))
+    with pytest.raises(FlatnessError, match=r"records loss '.*bag.py:loss', which cannot be loaded \(no such file .*\); pass --loss"):
+        prepare_analysis(user_ckpt, sources=Sources(model=f"{moved}:Bag", data=f"{moved}:data"))
     a = prepare_analysis(user_ckpt, sources=Sources(model=f"{moved}:Bag", data=f"{moved}:data", loss=f"{moved}:loss"))
     assert a.checkpoint.model_name == f"{moved}:Bag"
     with pytest.raises(FlatnessError, match=r"holds model '.*:Bag', but --model is 'mlp'"):

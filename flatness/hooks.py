@@ -81,3 +81,20 @@ def _import_file(path_str: str) -> Any:
         del sys.modules[name]
         raise FlatnessError(f"cannot import {path_str!r}: syntax error at line {e.lineno}: {e.msg}") from None
     return module
+
+
+def short_name(spec: str) -> str:
+    """A file-name-safe short form of a registry name or callable spec, for default output names.
+
+    ``"cnn1d"`` stays ``"cnn1d"``; ``"examples/own_model.py:cnn"`` becomes
+    ``"own_model.cnn"``; ``"pkg.models:Net"`` becomes ``"pkg.models.Net"``.
+
+    Example:
+        >>> short_name("examples/own_model.py:cnn")
+        'own_model.cnn'
+    """
+    if not is_callable_spec(spec):
+        return spec
+    target, _, attr = spec.rpartition(":")
+    stem = Path(target).stem if target.endswith(".py") else target
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in f"{stem}.{attr}")

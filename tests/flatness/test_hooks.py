@@ -51,3 +51,13 @@ def test_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sp
 def test_is_callable_spec() -> None:
     assert is_callable_spec("pkg.mod:fn") and is_callable_spec("a/b.py:fn")
     assert not is_callable_spec("cnn1d") and not is_callable_spec("cross_entropy")
+
+
+@pytest.mark.parametrize(
+    "spec, short",
+    [("cnn1d", "cnn1d"), ("examples/own_model.py:cnn", "own_model.cnn"), ("pkg.models:Net.build", "pkg.models.Net.build"), ("C:/a b/m.py:f", "m.f")],
+)
+def test_short_name(spec: str, short: str) -> None:
+    from flatness.hooks import short_name
+
+    assert short_name(spec) == short

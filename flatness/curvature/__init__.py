@@ -9,7 +9,11 @@ Two layers:
 - Model-level helpers build a :class:`HessianOperator` over
   ``(model, loss_fn, batches)`` and run one estimator:
   :func:`top_eigenvalues`, :func:`smallest_eigenvalue`,
-  :func:`hessian_trace`, :func:`spectral_density`.
+  :func:`hessian_trace`, :func:`spectral_density`,
+  :func:`per_layer_curvature`.
+- :func:`measure_curvature` runs everything a :class:`HessianSpec` asks for
+  on ONE operator (one graph cache); :func:`measure` does it on an existing
+  operator.
 
 Example:
     >>> import torch
@@ -33,14 +37,20 @@ from torch import nn
 
 from flatness.curvature.density import DensityResult, broaden, slq_density
 from flatness.curvature.lanczos import EigenResult, lanczos_smallest_eig, lanczos_top_eigs
+from flatness.curvature.layers import LayerCurvature, per_layer_curvature
+from flatness.curvature.measure import CurvatureResult, measure, measure_curvature
 from flatness.curvature.operator import BACKENDS, HessianOperator, LossFn, MatrixOperator, as_operator, dense_hessian
+from flatness.curvature.spec import HessianSpec
 from flatness.curvature.trace import TraceResult, hutchinson_trace, hutchpp_trace
 
 __all__ = [
     "BACKENDS",
+    "CurvatureResult",
     "DensityResult",
     "EigenResult",
     "HessianOperator",
+    "HessianSpec",
+    "LayerCurvature",
     "MatrixOperator",
     "TraceResult",
     "as_operator",
@@ -51,6 +61,9 @@ __all__ = [
     "hutchpp_trace",
     "lanczos_smallest_eig",
     "lanczos_top_eigs",
+    "measure",
+    "measure_curvature",
+    "per_layer_curvature",
     "slq_density",
     "smallest_eigenvalue",
     "spectral_density",

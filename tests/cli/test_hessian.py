@@ -81,9 +81,14 @@ ERRORS = [
     (lambda c, t: [str(c), "--out", str(t / "o.txt")], r"--out must name a \.json file"),
     (lambda c, t: [str(_foreign(t)), "--data", "synthetic", "--out", str(t / "o.json")], r"plain state_dict .* pass --model"),
     (lambda c, t: [str(c), "--samples", "100000", "--out", str(t / "o.json")], r"--samples 100000 is more than the 256 samples"),
-    (lambda c, t: [str(c), "--top-k", "100000", "--samples", "20", "--out", str(t / "o.json")], r"--top-k 100000 is more than the \d+ parameters"),
-    (lambda c, t: [str(c), "--top-k", "0", "--out", str(t / "o.json")], r"--top-k: expected a positive integer, got 0"),
-    (lambda c, t: [str(c), "--tol", "-1", "--out", str(t / "o.json")], r"--tol: expected a positive number"),
+    (lambda c, t: [str(c), "--top-k", "418", "--max-iter", "1000", "--samples", "20", "--out", str(t / "o.json")], r"--top-k 418 must be less than the 418 parameters"),
+    (lambda c, t: [str(c), "--top-k", "100000", "--samples", "20", "--out", str(t / "o.json")], r"--max-iter 500 cannot give 100000 eigenvalues.*raise --max-iter"),
+    (lambda c, t: [str(c), "--top-k", "5", "--max-iter", "2", "--out", str(t / "o.json")], r"--max-iter 2 cannot give 5 eigenvalues.*raise --max-iter"),
+    (lambda c, t: [str(c), "--top-k", "0", "--out", str(t / "o.json")], r"--top-k must be a positive integer, got 0"),
+    (lambda c, t: [str(c), "--tol", "-1", "--out", str(t / "o.json")], r"--tol must be a positive number, got -1"),
+    (lambda c, t: [str(c), "--tol", "nan", "--out", str(t / "o.json")], r"--tol must be a positive number, got nan"),
+    (lambda c, t: [str(c), "--trace", "--trace-matvecs", "2", "--out", str(t / "o.json")], r"--trace-matvecs must be at least 4 for hutch\+\+"),
+    (lambda c, t: [str(c), "--per-layer", "row", "--out", str(t / "o.json")], r"--per-layer: invalid choice"),
     (lambda c, t: [str(c), "--dtype", "float16", "--out", str(t / "o.json")], r"--dtype: invalid choice"),
     (lambda c, t: [str(c), "--device", "tpu", "--out", str(t / "o.json")], r"unknown device 'tpu'"),
 ]
@@ -106,8 +111,68 @@ def test_errors(make_checkpoint, tmp_path: Path, capsys: pytest.CaptureFixture, 
 def test_backend_choices_match_the_library() -> None:
     from flatness.cli.hessian import BACKENDS
     from flatness.curvature import BACKENDS as LIBRARY
+    from flatness.curvature.spec import BACKENDS as SPEC
 
-    assert BACKENDS == LIBRARY
+    assert BACKENDS == LIBRARY == SPEC
+
+
+def test_refuses_other_data_unless_allowed(make_checkpoint, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A checkpoint trained on mnist1d measured on synthetic data: exit 2 naming --allow-other-data; with it, a result."""
+    ckpt = make_checkpoint(model="mlp", data="mnist1d", hidden=8, depth=1)
+    out = tmp_path / "h.json"
+    args = ["hessian", str(ckpt), "--data", "synthetic", "--top-k", "2", "--samples", "40", "--quiet", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "'mnist1d'" in err and "--allow-other-data" in err
+    assert not out.exists()
+    assert main([*args, "--allow-other-data"]) == 0
+    assert json.loads(out.read_text())["dataset"] == "synthetic"
+
+
+def test_failure_leaves_no_new_folder(make_checkpoint, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Everything is checked before the first write: a failing run creates neither the file nor its folders."""
+    ckpt = make_checkpoint(model="mlp", hidden=8, depth=1)
+    out = tmp_path / "new" / "deeper" / "h.json"
+    assert main(["hessian", str(ckpt), "--top-k", "5", "--max-iter", "2", "--quiet", "--out", str(out)]) == 2
+    assert main(["hessian", str(ckpt), "--top-k", "418", "--samples", "20", "--quiet", "--out", str(out)]) == 2  # fails after loading
+    capsys.readouterr()
+    assert not (tmp_path / "new").exists()
+    assert main(["hessian", str(ckpt), "--top-k", "2", "--samples", "20", "--quiet", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["top_k"] == 2
+
+
+def test_per_layer_blocks(make_checkpoint, tmp_path: Path) -> None:
+    """--per-layer: one entry per tensor (or module) with the block's top eigenvalue and exact trace (small blocks)."""
+    from flatness.analysis import prepare_analysis
+
+    ckpt = make_checkpoint(model="mlp", hidden=6, depth=1)
+    out = tmp_path / "h.json"
+    common = ["--top-k", "2", "--samples", "50", "--dtype", "float64", "--tol", "1e-10", "--trace-matvecs", "400", "--quiet"]
+    assert main(["hessian", str(ckpt), *common, "--per-layer", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    a = prepare_analysis(ckpt, samples=50)
+    names = [k for k, _ in a.model.named_parameters()]
+    assert [b["name"] for b in result["per_layer"]] == names
+    assert sum(b["numel"] for b in result["per_layer"]) == result["num_params"]
+    assert sum(b["trace"] for b in result["per_layer"]) == pytest.approx(_dense_trace(a), rel=1e-8)
+    assert main(["hessian", str(ckpt), *common, "--per-layer", "module", "--force", "--out", str(out)]) == 0
+    modules = json.loads(out.read_text())["per_layer"]
+    assert [b["name"] for b in modules] == sorted({k.rpartition(".")[0] for k in names}, key=lambda m: names.index(m + ".weight"))
+
+
+def _dense_trace(a) -> float:  # noqa: ANN001
+    """Trace of the Hessian by an explicit double-backward loop (independent of the project's code)."""
+    model = a.model.double().eval()
+    params = list(model.parameters())
+    x = torch.cat([b[0] for b in a.batches]).double()
+    y = torch.cat([b[1] for b in a.batches])
+    grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), params, create_graph=True)
+    total = 0.0
+    for g, p in zip(grads, params):
+        flat = g.reshape(-1)
+        for i in range(flat.numel()):
+            total += float(torch.autograd.grad(flat[i], p, retain_graph=True)[0].reshape(-1)[i])
+    return total
 
 
 def test_plot_draws_the_density(make_checkpoint, tmp_path: Path) -> None:

@@ -58,7 +58,10 @@ def load_user_dataset(spec: str, kwargs: dict[str, Any]) -> Dataset:
 
 def read_split(data: Any, what: str) -> Split:
     """Read a dataset, DataLoader or iterable of batches into one :class:`Split`, in order."""
-    chunks = [_as_batch(b, what) for b in _batches(data, what)]
+    try:
+        chunks = [_as_batch(b, what) for b in _batches(data, what)]
+    except (TypeError, RuntimeError) as e:  # torch's collate on samples it cannot stack (PIL images, ragged tensors)
+        raise FlatnessError(f"{what} cannot be read into tensors: {_first_line(e)}") from None
     if not chunks:
         raise FlatnessError(f"{what} is empty")
     first = _structure(chunks[0])
@@ -72,7 +75,7 @@ def read_split(data: Any, what: str) -> Split:
             return Split.of(torch.cat(chunks))  # type: ignore[arg-type]
         return Split.of(tuple(torch.cat([c[i] for c in chunks]) for i in range(len(chunks[0]))))  # type: ignore[index]
     except (ValueError, RuntimeError) as e:
-        raise FlatnessError(f"{what} cannot be held as tensors: {str(e).splitlines()[0]}") from None
+        raise FlatnessError(f"{what} cannot be held as tensors: {_first_line(e)}") from None
 
 
 def _batches(data: Any, what: str) -> Iterable[Any]:
@@ -85,7 +88,9 @@ def _batches(data: Any, what: str) -> Iterable[Any]:
     if isinstance(data, DataLoader):
         if isinstance(data.dataset, IterableDataset) or not isinstance(data.sampler, (SequentialSampler, RandomSampler)):
             return data
-        return DataLoader(data.dataset, batch_size=data.batch_size or READ_BATCH, shuffle=False, collate_fn=data.collate_fn)
+        return DataLoader(
+            data.dataset, batch_size=data.batch_size or READ_BATCH, shuffle=False, collate_fn=data.collate_fn, num_workers=data.num_workers
+        )
     if isinstance(data, IterableDataset):
         return DataLoader(data, batch_size=READ_BATCH)
     if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (list, tuple, dict)):
@@ -144,3 +149,8 @@ def _kind(obj: Any) -> str:
     if isinstance(obj, (tuple, list)):
         return f"a {type(obj).__name__} of {len(obj)}"
     return f"a {type(obj).__module__}.{type(obj).__qualname__}" if not isinstance(obj, (int, float, str)) else repr(obj)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -219,6 +219,9 @@ def mixed():
 
 def ragged():
     return (X, Y[:10]), (X, Y)
+
+def uneven():  # samples of different lengths: torch's collate cannot stack them
+    return [(torch.zeros(i + 1), 0) for i in range(4)], [(torch.zeros(2), 1)]
 '''
 
 
@@ -262,6 +265,7 @@ def test_user_data_keeps_sample_structure(user_data: str) -> None:
         ("strings", r"the train data of .* holds .*; samples must be tensors, numbers or arrays"),
         ("mixed", r"differ in structure: \(float32\[4\], int64\[\]\) vs \(float32\[4\]\)"),
         ("ragged", r"cannot be held as tensors: the tensors of a split must share their first dimension"),
+        ("uneven", r"the train data of .* cannot be read into tensors: stack expects each tensor to be equal size"),
         ("nothing", r"has no attribute 'nothing'"),
     ],
 )

@@ -14,7 +14,7 @@ EXAMPLES = """\
 """
 
 DESCRIPTION = (
-    "Train SGD, SGD-2x, SAM, ASAM and m-ARWP on MNIST-1D offline (3 seeds each, in parallel processes), then compare "
+    "Train SGD, SGD-2x, SAM and m-ARWP (ASAM with --methods) on MNIST-1D offline (3 seeds each, in parallel processes), then compare "
     "them. Every method makes the same number of parameter updates (--epochs epochs' worth) with the same schedule; "
     "the alternate m-ARWP scheme reads 2x the data epochs for them; sgd-2x gets twice the updates (the two-pass "
     "methods' gradient budget). Hyperparameters: the published recipes (see the report)."

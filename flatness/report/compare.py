@@ -61,7 +61,7 @@ class CompareSettings:
     rho: float = 0.05
     interp_points: int = 25
     seed: int = 0
-    surfaces_for: str = "all"
+    surfaces_for: str = "all"  # "first-per-group": surfaces and interpolation only for each group's first checkpoint
 
     def validate(self) -> None:
         if self.surface not in SURFACE_KINDS:
@@ -387,8 +387,10 @@ def compare(
         label = _label(path, {"method": f"{group} s{seed}" if names.count(group) > 1 else group}, taken)
         entry = _entry(path, digest, a, group, label)
         entry.update(cache.get_or_compute("core", (digest, core_key), lambda a=a: _core_metrics(a, s, test_batches)))
-        entry["interpolation"] = cache.get_or_compute("interp", (digests[0], digest, interp_key), lambda a=a: _interpolation(first, a, s))
-        if s.surface != "none" and (s.surfaces_for == "all" or group not in groups_seen):
+        figure_too = s.surfaces_for == "all" or group not in groups_seen
+        if figure_too:
+            entry["interpolation"] = cache.get_or_compute("interp", (digests[0], digest, interp_key), lambda a=a: _interpolation(first, a, s))
+        if s.surface != "none" and figure_too:
             entry["surface"] = cache.get_or_compute("surface", (digest, surf_key), lambda a=a: surface_for(a, s, device))
         groups_seen.add(group)
         entries.append(entry)

@@ -66,7 +66,9 @@ def interpolation_figure(entries: list[dict], out: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for e in entries[1:]:
-        it = e["interpolation"]
+        it = e.get("interpolation")
+        if not it:
+            continue
         ax.plot(it["alpha"], it["loss"], label=f"{entries[0]['label']} -> {e['label']}")
     ax.axvline(0.0, color="k", ls="--", lw=0.8)
     ax.axvline(1.0, color="k", ls=":", lw=0.8)

@@ -15,6 +15,10 @@ Every optimizer wraps a base optimizer class and is stepped once per batch::
     loss = opt.step(closure)   # closure: forward + backward, returns the loss
 
 (:class:`DeltaSAM`'s closure returns per-sample losses instead; see there.)
+With ``mix_batches="alternate"`` only every second call updates the weights
+(``opt.last_step_updated``); wrap a per-update LR scheduler in
+:class:`StepOnUpdate`. :func:`asam_param_groups` splits a model into ASAM's
+adaptive and non-adaptive groups as the official ASAM code does.
 """
 
 from .bn import disable_running_stats

@@ -47,7 +47,9 @@ otherwise see unscaled gradients::
     opt.step(closure)
 
 Performance contract: no host synchronisation inside ``step`` (no ``.item()``,
-``.cpu()``, ``.tolist()``, no Python branching on tensor values);
+``.cpu()``, ``.tolist()``, no Python branching on tensor values) - except,
+with ``grad_scaler``, the scaler's own inf check (``GradScaler.step`` reads
+``found_inf`` on the host to skip an overflowing update: one sync per update);
 ``torch._foreach_*`` over parameter lists (``foreach=None`` picks them on
 accelerators, as torch.optim does); at most two extra parameter-sized
 buffers - the second weight buffer and, for m-(A)RWP, the stashed clean
@@ -61,7 +63,7 @@ How :math:`w` survives the perturbed pass:
 * RWP family (random noise): the noise is drawn into the buffer and turned
   into :math:`w + \epsilon` there in one fused pass; each parameter's
   ``.data`` is then pointed at the buffer for the perturbed pass and back at
-  its own, untouched storage afterwards (the official code restores with
+  its own, untouched storage afterwards (the official ARWP code restores with
   ``p.data = old_p`` too). :math:`w` is never copied and comes back bit for
   bit; the noise is the same as with copying, bitwise. A parameter group that
   holds a parameter sharing its storage (a view into a flat buffer) is

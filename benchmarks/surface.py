@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from flatness.data import analysis_batches, load_dataset
-from flatness.landscape import loss_surface, model_weights, random_directions
+from flatness.landscape import SurfaceFile, SurfaceSpec, loss_surface, model_weights, random_directions
 from flatness.landscape.grid import grid_points
 from flatness.models import build_model
 
@@ -66,7 +66,7 @@ def loss_landscape_scheme(net: nn.Module, loader: DataLoader, center: list, dirs
                 correct += predicted.eq(targets).sum()
         out[n] = (total_loss / total, float(100.0 * correct / total))
     for p, w in zip(net.parameters(), center):
-        p.data = w
+        p.data = w.clone()  # (loss-landscape restores p.data = w; a copy keeps `center` apart from the model)
     return out
 
 
@@ -118,10 +118,12 @@ def main() -> None:
                 raise SystemExit("each block needs at least two rows: use fewer --blocks")
             x_axis = (float(xs[i0]), float(xs[i1 - 1]), int(i1 - i0))
             runs = {
-                names[0]: lambda: loss_surface(net, batches, x_axis, f"-1:1:{args.n}", directions=dirs, out=Path(tmp) / f"b{b}.h5"),
+                names[0]: lambda: loss_surface(net, batches, SurfaceSpec(x=x_axis, y=f"-1:1:{args.n}", directions="custom"), directions=dirs,
+                                               output=SurfaceFile(Path(tmp) / f"b{b}.h5")),
             }
             if not args.no_vmap:
-                runs[names[1]] = lambda: loss_surface(net, batches, x_axis, f"-1:1:{args.n}", directions=dirs, method="vmap", chunk_size=16)
+                runs[names[1]] = lambda: loss_surface(net, batches, SurfaceSpec(x=x_axis, y=f"-1:1:{args.n}", directions="custom", method="vmap",
+                                                                               chunk_size=16), directions=dirs)
             points = grid_points(np.linspace(*x_axis[:2], x_axis[2]), xs)
             runs[ref_name] = lambda: loss_landscape_scheme(net, loader, center, dirs, points)
             order = list(runs)

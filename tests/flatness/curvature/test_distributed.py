@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.conftest import REPO
 from tests.flatness.curvature import dist_worker
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
@@ -22,8 +23,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path: Path) -> None:
+def test_two_processes_match_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     single = dist_worker.compute()
+    # spawned workers unpickle dist_worker.run by module name; pytest's importlib mode keeps the
+    # checkout off sys.path, and spawn children start from the parent's sys.path
+    monkeypatch.syspath_prepend(str(REPO))
     mp.spawn(dist_worker.run, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     # the 3 batches are sharded 2 + 1, and every rank holds the same global operator

@@ -25,7 +25,7 @@ import torch
 from flatness.curvature import HessianOperator, lanczos_top_eigs
 from tests.flatness.curvature.problems import LOSS, MODELS, problem
 
-pyhessian = pytest.importorskip("pyhessian")
+import pyhessian  # a test dependency (the "test" extra): missing, this module fails, never skips
 
 # PyHessian tol -> relative agreement we require of its eigenvalues
 ACCURACY = {1e-3: 3e-2, 1e-6: 5e-5}

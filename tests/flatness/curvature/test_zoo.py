@@ -1,7 +1,8 @@
 """Every HVP backend on a zoo of layers, against an independent dense float64 Hessian.
 
-The reference is an explicit double-backward loop on the real module (one
-``autograd.grad`` per row), with the attention written out by hand
+The reference (``problems.reference_hessian``) is an explicit double-backward
+loop on the real module (one ``autograd.grad`` per row), with the attention
+written out by hand
 (softmax(QK^T / sqrt(d)) V), so it shares no code with the operator:
 no ``functional_call``, no SDPA kernel, no batch weighting helper.
 
@@ -25,6 +26,7 @@ from torch.nn import functional as F
 
 from flatness.curvature import BACKENDS, HessianOperator, lanczos_top_eigs
 from flatness.losses import ModelLoss
+from tests.flatness.curvature.problems import reference_hessian
 
 
 class TinyAttention(nn.Module):
@@ -112,31 +114,12 @@ def _unused() -> tuple[nn.Module, Any, list]:
 ZOO: dict[str, Callable[[], tuple[nn.Module, Any, list]]] = {"mlp": _mlp, "cnn_bn": _cnn_bn, "attention": _attention, "unused": _unused}
 
 
-def reference_hessian(model: nn.Module, loss_fn: Any, batches: list) -> Tensor:
-    """Dense float64 Hessian of the sample-weighted mean loss, row by row (double backward)."""
-    model = copy.deepcopy(model).double().eval()
+def _reference(model: nn.Module, loss_fn: Any, batches: list) -> Tensor:
+    """The independent dense Hessian, with attention written out by hand."""
     if isinstance(model, TinyAttention):
+        model = copy.deepcopy(model)
         model.explicit = True
-    params = [p for p in model.parameters() if p.requires_grad]  # parameters() lists a tied tensor once
-    total = sum(len(next(iter(b.values())) if isinstance(b, dict) else b[0]) for b in batches)
-    loss = torch.zeros((), dtype=torch.float64)
-    for b in batches:
-        if isinstance(b, dict):
-            n, value = len(b["tokens"]), loss_fn(model, b)
-        else:
-            n, value = len(b[0]), loss_fn(model(b[0].double()), b[1])
-        loss = loss + value * n / total
-    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    g = torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1) for gi, p in zip(grads, params)])
-    rows = []
-    for i in range(g.numel()):
-        if not g[i].requires_grad:  # the loss does not reach this entry
-            rows.append(torch.zeros_like(g))
-            continue
-        row = torch.autograd.grad(g[i], params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if r is None else r).reshape(-1) for r, p in zip(row, params)]))
-    H = torch.stack(rows)
-    return 0.5 * (H + H.T)
+    return reference_hessian(model, loss_fn, batches)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -144,7 +127,7 @@ def reference_hessian(model: nn.Module, loss_fn: Any, batches: list) -> Tensor:
 def test_zoo_matches_independent_dense_hessian(name: str, backend: str) -> None:
     model, loss_fn, batches = ZOO[name]()
     model.train()  # the operator must switch to eval mode itself (dropout off, BN running stats)
-    dense = reference_hessian(model, loss_fn, batches)
+    dense = _reference(model, loss_fn, batches)
     H = HessianOperator(model, loss_fn, batches, dtype=torch.float64, backend=backend)
     assert H.shape == dense.shape  # tied weights once, frozen excluded, unused included
     v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(5))

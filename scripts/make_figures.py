@@ -4,23 +4,37 @@
     python scripts/make_figures.py --demo /tmp/demo
 
 Copies the demo report's figures into ``figures/`` as ``demo_surfaces.png``
-(2D surfaces side by side, shared colour scale), ``demo_density.png``
-(spectral densities), ``demo_sharpness.png`` (random-perturbation sharpness
-curves), ``demo_eigenvalues.png``, ``demo_interpolation.png`` and
-``demo_training.png``, and writes ``figures/demo_summary.md`` (the report's
-table).
+(2D surfaces, one per method, shared colour scale), ``demo_sharpness.png``
+(random-perturbation sharpness, log-log), ``demo_eigenvalues.png``,
+``demo_interpolation.png``, ``demo_training.png`` and
+``demo_generalization.png`` (each measure against test accuracy, Kendall
+tau), and writes ``figures/demo_summary.md``: the per-method table (mean +-
+sd over seeds, cost), the paired differences and the generated conclusion,
+exactly as in report.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-NAMES = ["surfaces", "density", "sharpness", "eigenvalues", "interpolation", "training"]
+NAMES = ["surfaces", "sharpness", "eigenvalues", "interpolation", "training", "generalization"]
+
+
+def summary_markdown(data: dict) -> str:
+    """Methods table, paired differences and conclusion from report.json (no hand edits)."""
+    from flatness.report.render import method_rows, paired_rows
+
+    out = []
+    for head, rows in (method_rows(data["methods"]), paired_rows(data["methods"])):
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows), ""]
+    out += [f"- {c}" for c in data["conclusion"]]
+    return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,9 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         src = report / f"{name}.png"
         if src.exists():
             shutil.copyfile(src, figures / f"demo_{name}.png")
-    md = (report / "report.md").read_text()
-    table = [line for line in md.splitlines() if line.startswith("|")]
-    (figures / "demo_summary.md").write_text("\n".join(table) + "\n")
+    (figures / "demo_summary.md").write_text(summary_markdown(json.loads((report / "report.json").read_text())))
     print(f"figures written to {figures}")
     return 0
 

@@ -200,8 +200,38 @@ def _sections(result: Any) -> list[tuple[str, list[str], list[list[str]] | None,
         rows = [[MEASURES[k][0], _fmt("{:+.3f}", v["tau"]), _fmt("{:.3g}", v["p_value"]), str(v["n"])] for k, v in taus.items()]
         out.append(("Flatness vs test accuracy (Kendall tau across checkpoints)", ["measure", "tau", "p-value", "n"], rows,
                     ["Negative tau: flatter (smaller measure) goes with higher test accuracy (Jiang et al. 2020)."]))
+    track = _tracking_rows(result.entries)
+    if track:
+        out.append(("Curvature during training (curvature.jsonl)", ["run", "points", "first λ_max", "max λ_max", "last λ_max",
+                                                                    "2/lr", "measuring % of training"], track,
+                    ["2/lr: the gradient-descent stability threshold (Cohen et al. 2021), shown for SGD only; "
+                     "lambda_max is measured on the trainer's fixed analysis batch, so it is comparable within a run."]))
     out.append(("What each measure is sensitive to", [], None, MEASURE_NOTES))
     return out
+
+
+def tracking_summary(e: dict[str, Any]) -> dict[str, Any] | None:
+    """Points, first / max / last lambda_max and the measuring cost (% of training time) of one run's curvature.jsonl."""
+    rows = [r for r in (e.get("curvature_track") or []) if r.get("lambda_max") is not None]
+    if not rows:
+        return None
+    lam = [float(r["lambda_max"]) for r in rows]
+    cfg = e.get("config") or {}
+    train_s = (e.get("cost") or {}).get("train_seconds")
+    spent = sum(float(r.get("curvature_seconds", 0.0)) for r in rows)
+    return {"points": len(rows), "first": lam[0], "max": max(lam), "last": lam[-1],
+            "threshold": 2.0 / cfg["lr"] if cfg.get("method") == "sgd" and cfg.get("lr") else None,
+            "percent": 100.0 * spent / train_s if train_s else None}
+
+
+def _tracking_rows(entries: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for e in entries:
+        t = tracking_summary(e)
+        if t is not None:
+            rows.append([e["label"], str(t["points"]), f"{t['first']:.4g}", f"{t['max']:.4g}", f"{t['last']:.4g}",
+                         _fmt("{:.3g}", t["threshold"]), _fmt("{:.1f}", t["percent"])])
+    return rows
 
 
 def write_reports(result: Any, settings: Any, figures: dict[str, Path], *, dataset: str, version: str) -> None:

@@ -159,3 +159,18 @@ def test_seed_groups_paired_differences_and_strict_json(make_checkpoint, tmp_pat
     assert "sgd" not in data["methods"]["sgd"]["paired"]
     assert data["conclusion"] and all(("within noise" in c) or ("excludes 0" in c) for c in data["conclusion"])
     assert set(data["kendall_tau"]) >= {"lambda_max", "trace"}
+
+
+def test_curvature_during_training_section(tmp_path: Path) -> None:
+    """curvature.jsonl of a run: numbers in the report section equal a plain computation; SGD gets 2/lr."""
+    from flatness.report.figures import curvature_track_figure
+    from flatness.report.render import tracking_summary
+
+    track = [{"step": 10, "lambda_max": 4.0, "curvature_seconds": 0.5}, {"step": 20, "lambda_max": 19.0, "curvature_seconds": 0.25},
+             {"step": 30, "lambda_max": 12.0, "curvature_seconds": 0.25}]
+    e = {"label": "sgd", "config": {"method": "sgd", "lr": 0.1}, "cost": {"train_seconds": 10.0}, "curvature_track": track}
+    t = tracking_summary(e)
+    assert t == {"points": 3, "first": 4.0, "max": 19.0, "last": 12.0, "threshold": 20.0, "percent": 10.0}
+    assert tracking_summary({**e, "config": {"method": "sam", "lr": 0.1}})["threshold"] is None
+    assert tracking_summary({**e, "curvature_track": None}) is None
+    assert curvature_track_figure([e], tmp_path).stat().st_size > 5000

@@ -79,6 +79,12 @@ def _draw(src: Path, out: Path, args: argparse.Namespace) -> None:
             raise FlatnessError(f"{src} does not hold a hessian result (expected a JSON object)")
         if args.kind is not None or args.trajectory or args.key is not None or args.vmax is not None:
             raise FlatnessError("--kind, --key, --vmax and --trajectory apply to surface files; a .json hessian result is drawn as a spectral density")
+        if result.get("density") is None and result.get("per_layer"):  # hessian --per-layer without --density: the bar chart
+            from flatness.plots.per_layer import plot_per_layer
+
+            _make_folder(out.parent)
+            plot_per_layer(result, out, **({} if args.log is None else {"log": args.log}))
+            return
         try:
             from flatness.plots.density import plot_spectral_density
         except ImportError as e:

@@ -206,3 +206,12 @@ def test_torchrun_two_ranks_match_one(make_checkpoint, tmp_path: Path) -> None:
     assert torch.allclose(torch.tensor(a["top_eigenvalues"]), torch.tensor(b["top_eigenvalues"]), rtol=1e-9, atol=0)
     assert b["trace"] == pytest.approx(a["trace"], rel=1e-9)
     assert sorted(p.name for p in tmp_path.glob("*.json")) == ["one.json", "two.json"]
+
+
+def test_plot_draws_the_per_layer_bars(make_checkpoint, tmp_path: Path) -> None:
+    ckpt = make_checkpoint(model="mlp", hidden=8, depth=1)
+    out = tmp_path / "h.json"
+    assert main(["hessian", str(ckpt), "--top-k", "2", "--per-layer", "module", "--trace-matvecs", "8", "--samples", "60", "--quiet", "--out", str(out)]) == 0
+    figure = tmp_path / "layers.png"
+    assert main(["plot", str(out), "--out", str(figure)]) == 0
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

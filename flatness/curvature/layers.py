@@ -15,7 +15,7 @@ block has at most ``trace_matvecs`` parameters, else Hutch++ with
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -116,7 +116,6 @@ def per_layer_curvature(
     dtype: torch.dtype | None = None,
     seed: int = 0,
     operator: HessianOperator | None = None,
-    on_block: Callable[[LayerCurvature], None] | None = None,
 ) -> list[LayerCurvature]:
     r"""Top eigenvalue and trace of every diagonal Hessian block (per tensor or per module).
 
@@ -131,7 +130,6 @@ def per_layer_curvature(
         dtype: operator precision (default: the model's).
         seed: seed of start vectors and probes.
         operator: an existing :class:`HessianOperator` to share (its graph cache).
-        on_block: called with each block's result as it is done.
 
     Returns:
         One :class:`LayerCurvature` per block, in parameter order.
@@ -145,10 +143,5 @@ def per_layer_curvature(
         ['0', '2']
     """
     H = operator if operator is not None else HessianOperator(model, loss_fn, batches, dtype=dtype)
-    out = []
-    for name, start, stop in parameter_blocks(H.names, H.numels, by):
-        block = block_curvature(H, name, start, stop, tol=tol, trace_matvecs=trace_matvecs, seed=seed)
-        if on_block is not None:
-            on_block(block)
-        out.append(block)
-    return out
+    blocks = parameter_blocks(H.names, H.numels, by)
+    return [block_curvature(H, name, start, stop, tol=tol, trace_matvecs=trace_matvecs, seed=seed) for name, start, stop in blocks]

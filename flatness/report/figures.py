@@ -76,11 +76,11 @@ def interpolation_figure(entries: list[dict], out: Path) -> Path:
     ax.set_xlabel(r"$\alpha$  ($w = (1-\alpha) w_0 + \alpha w_1$; dashed: $\alpha=0$, dotted: $\alpha=1$)")
     ax.set_ylabel("loss on the analysis samples (eval mode)")
     ax.set_title("Linear interpolation from the first checkpoint", fontsize=10)
-    ax.text(0.01, 0.01, "the minimum may sit off alpha = 0 or 1: this is the loss on an analysis subset\n"
-            "in eval mode, not the training objective (augmentation, batch statistics, weight decay)",
-            transform=ax.transAxes, fontsize=6.5, va="bottom", color="0.3")
+    fig.text(0.5, -0.04, "The minimum may sit off alpha = 0 or 1: this is the loss on an analysis subset in eval mode,\n"
+             "not the training objective (augmented batches, batch statistics, weight decay, perturbations).",
+             ha="center", va="top", fontsize=7, color="0.3")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, out, "interpolation.png")
 
 

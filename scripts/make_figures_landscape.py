@@ -21,7 +21,7 @@ import argparse
 import time
 from pathlib import Path
 
-from flatness.landscape import read_surface, surface_from_checkpoint
+from flatness.landscape import SurfaceFile, SurfaceSpec, read_surface, surface_from_checkpoint
 from flatness.plots.surface import plot_surface
 from flatness.training import TrainConfig, train
 
@@ -43,19 +43,20 @@ def main() -> None:
     config = TrainConfig(model="cnn1d", data="mnist1d", method="sgd", epochs=args.epochs, lr=0.05, seed=args.seed)
     result = train(config, work / "run", device="cpu", force=True, quiet=True)
     final = result.run_dir / "final.pt"
-    common = {"samples": args.samples, "device": "cpu", "seed": args.seed, "force": True, "quiet": True}
+    common = {"samples": args.samples, "device": "cpu", "seed": args.seed}
 
-    s1 = surface_from_checkpoint(final, out=work / "s1.h5", x="-1:1:51", test=True, **common)
+    def surface(name: str, **spec: object):  # noqa: ANN202 - Surface
+        return surface_from_checkpoint(final, SurfaceFile(work / name, force=True), SurfaceSpec(**common, **spec), quiet=True)
+
+    s1 = surface("s1.h5", x="-1:1:51", test=True)
     plot_surface(s1, out / "surface_1d.png", kind="line")
 
     grid = f"-1:1:{args.n}"
-    s2 = surface_from_checkpoint(final, out=work / "s2.h5", x=grid, y=grid, **common)
+    s2 = surface("s2.h5", x=grid, y=grid)
     for kind in ("contour", "filled", "heatmap", "3d"):
         plot_surface(s2, out / f"surface_{kind}.png", kind=kind, vmax=None)
 
-    s3 = surface_from_checkpoint(
-        final, out=work / "pca.h5", x="-1:1:5", y="-1:1:5", directions="pca", run=result.run_dir, **common
-    )
+    s3 = surface("pca.h5", x="-1:1:5", y="-1:1:5", directions="pca", run=str(result.run_dir))
     traj = s3.trajectory
     if traj is None:
         raise SystemExit("the PCA surface has no trajectory")
@@ -63,11 +64,11 @@ def main() -> None:
     lo_x, hi_x = float(traj[:, 0].min()), float(traj[:, 0].max())
     lo_y, hi_y = float(traj[:, 1].min()), float(traj[:, 1].max())
     wx, wy = (hi_x - lo_x) * pad + 1e-3, (hi_y - lo_y) * pad + 1e-3
-    s3 = surface_from_checkpoint(
-        final, out=work / "pca.h5", x=f"{lo_x - wx:.4g}:{hi_x + wx:.4g}:{args.n}", y=f"{lo_y - wy:.4g}:{hi_y + wy:.4g}:{args.n}",
-        directions="pca", run=result.run_dir, **common,
-    )
+    surface("pca.h5", x=f"{lo_x - wx:.4g}:{hi_x + wx:.4g}:{args.n}", y=f"{lo_y - wy:.4g}:{hi_y + wy:.4g}:{args.n}",
+            directions="pca", run=str(result.run_dir))
     plot_surface(read_surface(work / "pca.h5"), out / "surface_pca_trajectory.png", kind="contour", trajectory=True, log=True)
+    s4 = surface("hessian.h5", x="-2:2:41", y="-2:2:41", directions="hessian")
+    plot_surface(s4, out / "surface_hessian.png", kind="contour")
     last = result.metrics[-1]
     print(f"trained {args.epochs} epochs (test acc {last['test_acc']:.1f}%), figures in {out} ({time.perf_counter() - start:.0f}s)")
 

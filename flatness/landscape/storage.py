@@ -141,20 +141,25 @@ def _normalize(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 def create_surface_file(
     path: str | Path,
+    coordinates: tuple[np.ndarray, np.ndarray | None],
     *,
-    xcoordinates: np.ndarray,
-    ycoordinates: np.ndarray | None,
     keys: Sequence[str],
     directions: Sequence[Sequence[np.ndarray]],
     settings: Mapping[str, Any],
-    chunk_size: int,
-    method: str,
+    attrs: Mapping[str, str | int],
     extra: Mapping[str, np.ndarray] | None = None,
-    attrs: Mapping[str, str] | None = None,
 ) -> None:
     """Write a new surface file with every value cell NaN, atomically (temp file + rename).
 
-    ``attrs`` are extra string attributes (e.g. ``directions``, ``hessian_normalize``).
+    Args:
+        path: the .h5 file.
+        coordinates: ``(xcoordinates, ycoordinates)``; ``ycoordinates`` None in 1-D.
+        keys: the value arrays (``train_loss`` ...).
+        directions: the x (and y) directions, one array per parameter.
+        settings: stored as JSON in the ``settings`` attribute (checked on resume).
+        attrs: further attributes: ``chunk_size`` and ``method`` (required),
+            ``directions``, ``hessian_normalize``.
+        extra: extra arrays (trajectory, PCA variances).
 
     Raises:
         FlatnessError: the folder cannot be written.
@@ -162,6 +167,7 @@ def create_surface_file(
     import h5py
 
     path = Path(path)
+    xcoordinates, ycoordinates = coordinates
     nx = len(xcoordinates)
     shape = (nx,) if ycoordinates is None else (len(ycoordinates), nx)
     # The file is built in memory and written with one atomic write: h5py crashes the
@@ -175,10 +181,10 @@ def create_surface_file(
         f.attrs["index_order"] = "xy"
         f.attrs["dim"] = len(shape)
         f.attrs["settings"] = json.dumps(_normalize(settings), sort_keys=True)
-        f.attrs["chunk_size"] = int(chunk_size)
-        f.attrs["method"] = method
-        for name, value in (attrs or {}).items():
-            f.attrs[name] = value
+        f.attrs["chunk_size"] = int(attrs["chunk_size"])
+        for name, value in attrs.items():
+            if name != "chunk_size":
+                f.attrs[name] = value
         f.create_dataset("xcoordinates", data=np.asarray(xcoordinates, dtype=np.float64))
         if ycoordinates is not None:
             f.create_dataset("ycoordinates", data=np.asarray(ycoordinates, dtype=np.float64))

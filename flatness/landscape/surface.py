@@ -230,9 +230,9 @@ def plan_surface(
                     dict(output.extra) if output is not None else {}, fallback=fallback, settings=settings)
         if output is not None:
             create_surface_file(
-                output.path, xcoordinates=spec.xs, ycoordinates=spec.ys, keys=keys,
-                directions=[[t.detach().cpu().numpy() for t in d] for d in dirs], settings=settings, chunk_size=size,
-                method=how, extra=plan.extra, attrs={"directions": spec.directions, "hessian_normalize": spec.hessian_normalize},
+                output.path, (spec.xs, spec.ys), keys=keys, directions=[[t.detach().cpu().numpy() for t in d] for d in dirs],
+                settings=settings, extra=plan.extra,
+                attrs={"chunk_size": int(size), "method": how, "directions": spec.directions, "hessian_normalize": spec.hessian_normalize},
             )
             if lock is not None:
                 lock.release()
@@ -266,7 +266,6 @@ def loss_surface(
     loss_fn: LossFn = nn.functional.cross_entropy,
     test_batches: Batches | None = None,
     output: SurfaceFile | None = None,
-    quiet: bool = True,
     callback: Callback | None = None,
 ) -> Surface:
     r"""Loss and accuracy of ``model`` on a 1-D or 2-D grid of weights around its own.
@@ -286,7 +285,6 @@ def loss_surface(
         loss_fn: mean-reduced ``loss_fn(logits, y)`` or a ModelLoss (accuracy NaN).
         test_batches: also evaluated as ``test_loss`` / ``test_acc`` when ``spec.test``.
         output: write the surface to this file, chunk by chunk (see :class:`SurfaceFile`).
-        quiet: no progress bar.
         callback: ``callback(points_done, points_total)`` after each written chunk (rank 0).
 
     Returns:
@@ -337,9 +335,9 @@ def loss_surface(
         warnings.warn(f"this model cannot be evaluated with torch.func.vmap ({plan.fallback}); using the loop over points",
                       SurfaceFallbackWarning, stacklevel=2)
     dirs = _broadcast_directions(chosen, center, spec.dim, info)
+    job = GridJob(model, batches, test_batches if spec.test else None, loss_fn, dirs)
     try:
-        values = evaluate_grid(model, batches, spec, loss_fn, dirs, plan, test_batches if spec.test else None,
-                               output, quiet=quiet, callback=callback)
+        values = evaluate_grid(job, spec, plan, output, callback=callback)
     finally:
         if lock is not None:
             lock.release()
@@ -349,13 +347,22 @@ def loss_surface(
     )
 
 
-def evaluate_grid(
-    model: nn.Module, batches: Batches, spec: SurfaceSpec, loss_fn: LossFn, dirs: list[Direction], plan: Plan,
-    test_batches: Batches | None, output: SurfaceFile | None, *, quiet: bool = True, callback: Callback | None = None,
-) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class GridJob:
+    """What every grid point is evaluated with: the model, its batches, the loss and the directions."""
+
+    model: nn.Module
+    batches: Batches
+    test_batches: Batches | None
+    loss_fn: LossFn
+    directions: list[Direction]
+
+
+def evaluate_grid(job: GridJob, spec: SurfaceSpec, plan: Plan, output: SurfaceFile | None, *,
+                  callback: Callback | None = None) -> dict[str, np.ndarray]:
     """Evaluate the plan's missing chunks (sharded over ranks), write each as it finishes; return the value arrays."""
     info = distributed.info()
-    center = model_weights(model)
+    center = model_weights(job.model)
     keys = list(plan.values)
     points = grid_points(spec.xs, spec.ys)
     chunks = chunk_ranges(len(points), plan.chunk_size)
@@ -364,7 +371,6 @@ def evaluate_grid(
     rounds = -(-len(pending) // info.world_size) if pending else 0
     total = sum(len(chunks[c]) for c in pending)
     writer = SurfaceWriter(output.path, keys) if (output is not None and info.is_main) else None
-    bar = progress(total=total, quiet=quiet or not info.is_main, desc="surface", unit="pt")
     done = 0
     try:
         for t in range(rounds):
@@ -373,21 +379,18 @@ def evaluate_grid(
             if t < len(mine):
                 r = chunks[mine[t]]
                 coords = torch.as_tensor(points[r.start : r.stop])
-                parts = [evaluate_points(model, b, center, dirs, coords, loss_fn=loss_fn, method=plan.method)
-                         for b in (batches, test_batches) if b is not None]
+                parts = [evaluate_points(job.model, b, center, job.directions, coords, loss_fn=job.loss_fn, method=plan.method)
+                         for b in (job.batches, job.test_batches) if b is not None]
                 row[:, 0] = mine[t]
                 row[: len(r), 1:] = torch.cat(parts, 1)
             gathered = [torch.empty_like(row) for _ in range(info.world_size)] if info.active else [row]
             if info.active:
                 dist.all_gather(gathered, row)
             for g in gathered:
-                count = _store(g.cpu().numpy(), chunks, keys, plan.values, writer)
-                done += count
-                bar.update(count)
+                done += _store(g.cpu().numpy(), chunks, keys, plan.values, writer)
             if callback is not None and info.is_main:
                 callback(done, total)
     finally:
-        bar.close()
         if writer is not None:
             writer.close()
     return plan.values
@@ -460,9 +463,11 @@ def surface_from_checkpoint(
     joined = not (dist.is_available() and dist.is_initialized())
     info = distributed.init_from_env(dev)
     joined = joined and info.active
+    bar = _ProgressCallback(quiet or not info.is_main, callback)
     try:
-        return _surface_from_checkpoint(ckpt_path, run_dir, dev, output, spec, sources, quiet=quiet, callback=callback)
+        return _surface_from_checkpoint(ckpt_path, run_dir, dev, output, spec, sources, callback=bar)
     finally:
+        bar.close()
         if joined:  # we joined the group: leave it together, so no rank exits under a peer still talking
             dist.barrier()
             dist.destroy_process_group()
@@ -501,9 +506,28 @@ def _load_centre(ckpt_path: Path, run_dir: Path | None, dev: torch.device, spec:
     return _Loaded(analysis, test_batches, settings)
 
 
+class _ProgressCallback:
+    """A progress bar on stderr (unless ``quiet``) fed by :func:`loss_surface`'s callback, then ``inner``."""
+
+    def __init__(self, quiet: bool, inner: Callback | None) -> None:
+        self.quiet, self.inner, self.bar, self.done = quiet, inner, None, 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = progress(total=total, quiet=self.quiet, desc="surface", unit="pt")
+        self.bar.update(done - self.done)
+        self.done = done
+        if self.inner is not None:
+            self.inner(done, total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _surface_from_checkpoint(
     ckpt_path: Path, run_dir: Path | None, dev: torch.device, output: SurfaceFile, spec: SurfaceSpec, sources: Sources | None,
-    *, quiet: bool, callback: Callback | None,
+    *, callback: Callback | None,
 ) -> Surface:
     loaded = _load_centre(ckpt_path, run_dir, dev, spec, sources)
     net = loaded.analysis.model
@@ -520,7 +544,7 @@ def _surface_from_checkpoint(
     out = SurfaceFile(output.path, resume=output.resume, force=output.force, settings={**loaded.settings, **output.settings}, extra=extra)
     needs_tensors = spec.directions in ("pca", "interp")
     return loss_surface(net, loaded.analysis.batches, spec, directions=dirs if needs_tensors else None,
-                        loss_fn=loaded.analysis.loss_fn, test_batches=loaded.test_batches, output=out, quiet=quiet, callback=callback)
+                        loss_fn=loaded.analysis.loss_fn, test_batches=loaded.test_batches, output=out, callback=callback)
 
 
 def _trajectory(

@@ -46,6 +46,10 @@ def _axis_labels(surface: Surface) -> tuple[str, str]:
     kind = surface.settings.get("directions")
     if kind == "interp":
         return "interpolation coefficient x", "interpolation coefficient y"
+    if kind == "hessian":
+        values = list(surface.settings.get("hessian_eigenvalues") or [])
+        names = [f"Hessian eigenvector {k + 1}" + (f" (λ{k + 1} = {values[k]:.3g})" if k < len(values) else "") for k in range(2)]
+        return names[0], names[1]
     return "x (direction 1)", "y (direction 2)"
 
 
@@ -157,11 +161,10 @@ def plot_surface(
     trajectory: bool = False,
     vmax: float | None = None,
     title: str | None = None,
-    dpi: int = 150,
 ) -> Any:
-    """Draw a surface into ``out`` (``.png``, ``.pdf`` or ``.svg``) and return the Figure.
+    """Draw a surface into ``out`` (``.png``, ``.pdf`` or ``.svg``, 150 dpi) and return the Figure.
 
-    Arguments as for :func:`surface_figure`; ``dpi`` is the raster resolution.
+    Arguments as for :func:`surface_figure`.
     Folders of ``out`` that had to be made are removed again if the write fails.
 
     Raises:
@@ -170,7 +173,7 @@ def plot_surface(
     out = Path(out)
     _check_out(out)
     fig = surface_figure(surface, kind=kind, key=key, log=log, trajectory=trajectory, vmax=vmax, title=title)
-    save_figure(fig, out, dpi=dpi)
+    save_figure(fig, out)
     return fig
 
 
@@ -226,6 +229,7 @@ def _direction_name(surface: Surface) -> str:
         "model": "model-normalized random direction",
         "pca": "PCA direction",
         "interp": "interpolation",
+        "hessian": "top Hessian eigenvector direction",
     }
     return names.get(kind, "direction")
 

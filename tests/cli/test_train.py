@@ -197,9 +197,12 @@ def test_second_train_on_a_running_run_is_refused(tmp_path: Path) -> None:
         while not (run / "checkpoints" / "last.pt").exists() and time.time() < deadline and first.poll() is None:
             time.sleep(0.05)
         assert first.poll() is None, first.stderr.read().decode()[-2000:]
-        r = run_cli("train", "--resume", "--out", str(run))
+        try:  # without the lock the second run would train for ever beside the first
+            r = run_cli("train", "--resume", "--out", str(run), timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a second train --resume on a running run was not refused")
         _one_error_line(r, "in use by another flatness train")
-        r = run_cli("train", *SMALL, "--epochs", "1", "--force", "--out", str(run))
+        r = run_cli("train", *SMALL, "--epochs", "1", "--force", "--out", str(run), timeout=30)
         _one_error_line(r, "in use by another flatness train")
         assert first.poll() is None  # the first run was not disturbed
     finally:
@@ -208,3 +211,23 @@ def test_second_train_on_a_running_run_is_refused(tmp_path: Path) -> None:
     # once the holder is gone (even by SIGKILL), the lock is free again
     r = run_cli("train", "--resume", "--epochs", "1", "--out", str(run))
     assert r.returncode in (0, 2) and "in use" not in r.stderr
+
+
+def test_tracked_lambda_max_equals_flatness_hessian_on_the_checkpoint(tmp_path: Path) -> None:
+    """Issue 17: the lambda_max tracked at update s is what ``flatness hessian`` measures on the checkpoint of update s."""
+    import json
+
+    run = tmp_path / "run"
+    # synthetic: 256 samples, batch 64 -> 4 updates per epoch; the epoch checkpoints hold updates 4 and 8
+    r = run_cli("train", "--model", "cnn1d", "--data", "synthetic", "--batch-size", "64", "--epochs", "2", "--quiet", "--device", "cpu",
+                "--track-curvature", "2", "--track-samples", "100", "--save-every", "2", "--out", str(run))
+    assert r.returncode == 0, r.stderr
+    rows = {row["step"]: row for row in map(json.loads, (run / "curvature.jsonl").read_text().splitlines())}
+    assert sorted(rows) == [2, 4, 6, 8]
+    for ckpt, step in ((run / "checkpoints" / "epoch_0001.pt", 4), (run / "final.pt", 8)):
+        assert read_checkpoint_file(ckpt)["step"] == step
+        out = tmp_path / f"h{step}.json"
+        r = run_cli("hessian", str(ckpt), "--out", str(out), "--top-k", "1", "--samples", "100", "--tol", "1e-7", "--quiet", "--device", "cpu")
+        assert r.returncode == 0, r.stderr
+        reference = json.loads(out.read_text())["top_eigenvalues"][0]
+        assert rows[step]["lambda_max"] == pytest.approx(reference, rel=1e-4), step

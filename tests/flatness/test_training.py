@@ -109,3 +109,142 @@ def test_divergence_stops_with_epoch_and_step(tmp_path: Path) -> None:
 def test_bad_config(tmp_path: Path, kw: dict, pattern: str) -> None:
     with pytest.raises(FlatnessError, match=pattern):
         train(_cfg(**kw), tmp_path / "run")
+
+
+# ---------------------------------------------------------------- issue 13: the comparison protocol
+def test_alternate_scheme_makes_as_many_updates_as_sgd(tmp_path: Path) -> None:
+    """``--epochs E``: E epochs' worth of updates for every method; alternate m-ARWP reads 2E data epochs."""
+    sgd = train(_cfg(epochs=2), tmp_path / "sgd")
+    alt = train(_cfg(epochs=2, method="m-arwp", mix_batches="alternate", sigma=0.01), tmp_path / "alt")
+    a, b = read_checkpoint_file(sgd.final), read_checkpoint_file(alt.final)
+    assert a["step"] == b["step"] == 16  # 2 epochs x 8 batches
+    assert b["optimizer"]["wrapper"]["num_updates"] == 16
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 16  # the LR schedule stepped per update
+    assert [r["epoch"] for r in alt.metrics] == [1, 2, 3, 4] and [r["step"] for r in alt.metrics] == [4, 8, 12, 16]
+    assert alt.metrics[-1]["lr"] == sgd.metrics[-1]["lr"]
+    ca, cb = (json.loads((tmp_path / n / "config.json").read_text()) for n in ("sgd", "alt"))
+    assert (ca["updates"], ca["data_epochs"], ca["grad_evals_per_update"]) == (16, 2, 1)
+    assert (cb["updates"], cb["data_epochs"], cb["grad_evals_per_update"]) == (16, 4, 2)
+
+
+def test_validation_split_is_disjoint_from_the_training_samples_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flatness.data import load_dataset
+    from flatness.training import loop
+
+    seen: list[torch.Tensor] = []
+    real = loop._Closure
+
+    class Recording(real):  # type: ignore[misc, valid-type]
+        def __init__(self, par, x, y, spec) -> None:  # noqa: ANN001
+            seen.append(x.clone())
+            super().__init__(par, x, y, spec)
+
+    monkeypatch.setattr(loop, "_Closure", Recording)
+    res = train(_cfg(epochs=2, val_split=40, seed=3), tmp_path / "run")
+    train_x = load_dataset("synthetic").train.x
+    used = torch.cat(seen)
+    train_idx, val_idx = loop.split_validation(train_x.shape[0], 40, 3)
+    assert val_idx.numel() == 40 and set(train_idx.tolist()).isdisjoint(val_idx.tolist())
+    # every sample trained on is a training-split row, none a validation row (compared by content)
+    val_rows = {tuple(r.tolist()) for r in train_x[val_idx]}
+    used_rows = {tuple(r.tolist()) for r in used}
+    assert used_rows and used_rows.isdisjoint(val_rows)
+    assert used.shape[0] == 2 * (train_x.shape[0] - 40)  # every other sample, once per epoch
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["val_split"] == 40
+    assert all({"val_loss", "val_acc"} <= set(r) for r in res.metrics)
+    # the split depends on the seed only, not on the method
+    other = loop.split_validation(train_x.shape[0], 40, 3)[1]
+    assert torch.equal(other, val_idx) and not torch.equal(loop.split_validation(train_x.shape[0], 40, 4)[1], val_idx)
+
+
+def test_asam_leaves_biases_and_bn_unscaled() -> None:
+    from flatness.models import build_model
+    from flatness.training.methods import get_method
+
+    model = build_model("cnn1d", in_features=40, num_classes=10)
+    opt = get_method("asam").build(model, TrainConfig(method="asam"))
+    adaptive = {id(p): g.get("adaptive", True) for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert adaptive[id(p)] is (p.ndim > 1), name
+    assert opt.param_groups[0]["rho"] == 0.5  # the official ASAM radius is the default
+
+
+def test_official_defaults() -> None:
+    c = TrainConfig(method="m-arwp")
+    assert (c.sigma, c.lam, c.eta, c.beta) == (0.015, 0.5, 0.1, 0.99)
+    assert TrainConfig(method="asam").rho == 0.5 and TrainConfig(method="sam").rho == 0.05
+    assert TrainConfig(method="asam", rho=0.1).rho == 0.1
+
+
+def test_incstd_follows_the_official_schedule(tmp_path: Path) -> None:
+    """nblt/mARWP ``--incstd``: CosineInc(base=weight_decay, inc=sigma/weight_decay - 1) over the run's steps."""
+    import math
+
+    cfg = _cfg(method="arwp", sigma=0.02, weight_decay=1e-3, incstd=True, epochs=2)
+    res = train(cfg, tmp_path / "run")
+    opt_state = read_checkpoint_file(res.final)["optimizer"]
+    total = 16
+
+    def official(step: int) -> float:  # transcribed from train_marwp.py's CosineInc
+        scale = -math.cos(step * math.pi / total) * 0.5 + 0.5
+        return 1e-3 * (scale * (0.02 / 1e-3 - 1) + 1)
+
+    assert opt_state["param_groups"][0]["sigma"] == pytest.approx(official(total), rel=1e-12)
+    assert opt_state["param_groups"][0]["initial_sigma"] == pytest.approx(official(0))
+    with pytest.raises(FlatnessError, match="--incstd and --sigma-inc"):
+        _cfg(method="arwp", incstd=True, sigma_inc=1.0)
+    with pytest.raises(FlatnessError, match="--incstd is for the RWP family"):
+        train(_cfg(method="sam", incstd=True), tmp_path / "x")
+
+
+# ---------------------------------------------------------------- issue 12: settings validated once
+def test_config_file_unknown_key_is_named() -> None:
+    good = TrainConfig().to_dict()
+    assert TrainConfig.from_dict({**good, "updates": 5, "data_epochs": 1, "grad_evals_per_update": 1}) == TrainConfig()
+    with pytest.raises(FlatnessError, match="unknown setting 'learning_rate'"):
+        TrainConfig.from_dict({**good, "learning_rate": 0.1})
+    with pytest.raises(FlatnessError, match="setting 'epochs' must be a int"):
+        TrainConfig.from_dict({**good, "epochs": "3"})
+
+
+@pytest.mark.parametrize("kw, pattern", [({"seed": 10**20}, "--seed"), ({"seed": -1}, "--seed"), ({"save_every": -1}, "--save-every"),
+                                         ({"val_split": 2**64}, "--val-split"), ({"epochs": True}, "--epochs"),
+                                         ({"track_trace": True}, "--track-curvature")])
+def test_config_checks_ranges_once(kw: dict, pattern: str) -> None:
+    with pytest.raises(FlatnessError, match=pattern):
+        _cfg(**kw)
+
+
+def test_config_is_frozen() -> None:
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        _cfg().lr = 1.0  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- issue 17: curvature during training
+def _curv_rows(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(x).items() if k != "curvature_seconds"} for x in (run / "curvature.jsonl").read_text().splitlines()]
+
+
+def test_tracked_curvature_survives_resume_exactly(tmp_path: Path) -> None:
+    cfg = _cfg(epochs=3, batch_size=64, track_curvature=2, track_samples=64, save_every=3)
+    full = train(cfg, tmp_path / "full")
+
+    class Killed(Exception):
+        pass
+
+    def stop(row: dict) -> None:
+        if row["epoch"] == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "crash", on_epoch=stop)
+    train(cfg, tmp_path / "crash", resume=True)
+    a, b = _curv_rows(tmp_path / "full"), _curv_rows(tmp_path / "crash")
+    assert [r["step"] for r in a] == [2, 4, 6, 8, 10, 12] and a == b
+    assert all(r["hvp_count"] < a[0]["hvp_count"] for r in a[1:])  # warm starts need fewer products
+    assert 0 < full.metrics[-1]["curvature_fraction"] < 1
+    plain = train(_cfg(epochs=3, batch_size=64, save_every=3), tmp_path / "plain")
+    sa, sb = read_checkpoint_file(full.final)["state_dict"], read_checkpoint_file(plain.final)["state_dict"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # measuring does not change the training path

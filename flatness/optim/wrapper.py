@@ -54,7 +54,8 @@ with ``grad_scaler``, the scaler's own inf check (``GradScaler.step`` reads
 accelerators, as torch.optim does); at most two extra parameter-sized
 buffers - the second weight buffer and, for m-(A)RWP, the stashed clean
 gradient (which *is* the first pass's ``.grad`` tensor, moved aside, not
-copied).
+copied - unless it is a view into a buffer that the next backward rewrites,
+as with DDP's ``gradient_as_bucket_view=True``: then it is cloned).
 
 How :math:`w` survives the perturbed pass:
 
@@ -237,12 +238,18 @@ class PerturbedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------- the passes
     def _stash_clean_grads(self) -> None:
-        """Move each ``.grad`` aside as the clean gradient (no copy)."""
+        """Move each ``.grad`` aside as the clean gradient (no copy).
+
+        A gradient that is a view into a shared buffer (DDP's
+        ``gradient_as_bucket_view=True``) is cloned instead: the next backward
+        writes into that buffer again and would overwrite the stash.
+        """
         self._clean = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    self._clean[p] = p.grad
+                    grad = p.grad
+                    self._clean[p] = grad if _owns_storage(grad) else grad.clone()
                     p.grad = None
 
     def _swap(self, params: list[Tensor]) -> bool:

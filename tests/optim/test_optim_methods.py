@@ -263,3 +263,37 @@ def test_second_step_without_first_step_raises():
     net = model()
     with pytest.raises(RuntimeError, match="without a preceding first_step"):
         make_opt("sam", net).second_step()
+
+
+@pytest.mark.parametrize("name", ["m-rwp", "m-arwp", "m-arwp-alt"])
+def test_gradients_that_are_views_of_one_buffer_are_stashed_safely(name):
+    """DDP with gradient_as_bucket_view=True hands out .grad as views into one
+    bucket that every backward rewrites; the stashed clean gradient must not be
+    overwritten by the perturbed pass. Simulated here without a process group."""
+    data_batches = batches(4)
+    net = model()
+    train(make_opt(name, net), net, data_batches)
+    expected = snapshot(net)
+
+    net = model()
+    opt = make_opt(name, net)
+    params = list(net.parameters())
+    bucket = torch.zeros(sum(p.numel() for p in params))
+
+    def bucket_closure(x, y):
+        def closure():
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            grads = torch.autograd.grad(loss, params)
+            offset = 0
+            for p, g in zip(params, grads):
+                view = bucket[offset : offset + p.numel()].view_as(p)
+                view.copy_(g)
+                p.grad = view
+                offset += p.numel()
+            return loss.detach()
+
+        return closure
+
+    for x, y in data_batches:
+        opt.step(bucket_closure(x, y))
+    assert_same(snapshot(net), expected)

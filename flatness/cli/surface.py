@@ -58,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--hessian-normalize", choices=("none", "filter"), default="none",
                    help="--directions hessian: unit eigenvectors (none) or filter-normalized (filter)")
     g.add_argument("--ignore", choices=("biasbn", "none"), default=None, help="zero bias and BN directions (default: biasbn for random, none for pca/interp/hessian)" + _OWN)
-    g.add_argument("--to", nargs="+", default=[], metavar="CKPT", help="interp: the checkpoint at x=1 (and the one at y=1)" + _OWN)
+    g.add_argument("--to", nargs="+", action="extend", default=[], metavar="CKPT",
+                   help="interp: the checkpoint at x=1 (and the one at y=1); --to B C or --to B --to C" + _OWN)
     g.add_argument("--run", default=None, metavar="RUN_DIR", help="run directory: trajectory for pca, projected onto 2-D surfaces" + _OWN)
     g.add_argument("--allow-degenerate", action="store_true", help="compute even when a direction is zero or the two are parallel" + _OWN)
     d = p.add_argument_group("data")

@@ -544,7 +544,7 @@ def functional_loss(model: nn.Module, loss_fn: LossFn, state: dict[str, Tensor],
 
 def _as_batch_list(batches: Iterable[Batch] | Batch, loss_fn: LossFn | None = None) -> list[Batch]:
     if isinstance(loss_fn, ModelLoss):
-        return list(batches)  # any batch form; the loss reads it
+        return [batches] if isinstance(batches, dict) else list(batches)  # any batch form; the loss reads it
     if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], Tensor) and isinstance(batches[1], Tensor):
         return [batches]  # one (inputs, targets) pair
     out = []

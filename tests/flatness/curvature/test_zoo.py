@@ -150,3 +150,18 @@ def test_unused_parameter_has_zero_rows_and_frozen_is_excluded() -> None:
     assert torch.equal(H @ e, torch.zeros_like(e))
     v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert torch.equal((H @ v)[start : start + H.numels[i]], torch.zeros(H.numels[i], dtype=torch.float64))
+
+
+def test_sdpa_settings_are_restored_and_one_dict_batch_works() -> None:
+    """The math-kernel switch is scoped to loss evaluation; a single dict batch is one batch."""
+    model, loss_fn, batches = _attention()
+    flags = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
+    H = HessianOperator(model, loss_fn, batches[0], dtype=torch.float64)
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    dense = _reference(model, loss_fn, batches[:1])
+    assert torch.allclose(H @ v, dense @ v, rtol=1e-9, atol=1e-11)
+    assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()) == flags
+    q = torch.randn(2, 2, 4, 6, requires_grad=True)
+    with pytest.raises(RuntimeError, match="flash_attention"):  # outside the operator the fused kernel is back
+        g, = torch.autograd.grad(F.scaled_dot_product_attention(q, q, q).sum(), q, create_graph=True)
+        torch.autograd.grad(g.sum(), q)

@@ -281,3 +281,51 @@ def test_hessian_directions_surface(tmp_path: Path, make_checkpoint, capsys: pyt
     assert len(s.settings["hessian_eigenvalues"]) == 2 and s.settings["hessian_eigenvalues"][0] >= s.settings["hessian_eigenvalues"][1]
     with h5py.File(out, "r") as f:
         assert f.attrs["directions"] == "hessian" and f.attrs["hessian_normalize"] == "filter"
+
+
+BRANCHY = '''
+import torch
+from torch import nn
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x):
+        out = self.lin(x)
+        return out if float(out.sum()) > -1e9 else -out  # data-dependent control flow: vmap cannot batch it
+
+
+def build():
+    return Branchy()
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=g)
+    y = torch.randint(0, 3, (64,), generator=g)
+    return torch.utils.data.TensorDataset(x, y), torch.utils.data.TensorDataset(x[:16], y[:16])
+'''
+
+
+def test_vmap_fallback_is_said_once_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import flatness.landscape.surface as surface_mod
+
+    (tmp_path / "branchy.py").write_text(BRANCHY)
+    torch.manual_seed(0)
+    state = {f"lin.{k}": v for k, v in torch.nn.Linear(6, 3).state_dict().items()}
+    torch.save(state, tmp_path / "w.pt")
+    args = ["surface", tmp_path / "w.pt", "--model", f"{tmp_path}/branchy.py:build", "--data", f"{tmp_path}/branchy.py:data",
+            "--x", "-1:1:5", "--chunk-size", "2", "--quiet"]
+    code, _, err = _cli(capsys, *args, "--method", "vmap", "--out", tmp_path / "a.h5")
+    assert code == 2 and "cannot be evaluated with torch.func.vmap (vmap: " in err and "--method loop" in err
+    assert not (tmp_path / "a.h5").exists()
+    # where auto picks vmap (CUDA), it falls back to the loop and says so once
+    monkeypatch.setattr(surface_mod, "resolve_method", lambda method, device, loss_fn=None: "loop" if method == "loop" else "vmap")
+    code, out, err = _cli(capsys, *args, "--out", tmp_path / "b.h5")
+    assert code == 0, err
+    assert err.count("warning: this model cannot be evaluated with torch.func.vmap (vmap: ") == 1, err
+    assert err.count("\n") == 1 and "using the loop over points" in err
+    assert read_surface(tmp_path / "b.h5").complete

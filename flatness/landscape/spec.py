@@ -92,6 +92,8 @@ class SurfaceSpec:
         _choice("--ignore", self.ignore, ("biasbn", "none"))
         _choice("--hessian-normalize", self.hessian_normalize, HESSIAN_NORMALIZE)
         _choice("--split", self.split, ("train", "test"))
+        if self.split == "test" and self.test:
+            set_(self, "test", False)  # the test split is the surface itself
         _choice("--method", self.method, METHODS)
         for flag, value in (("--samples", self.samples), ("--chunk-size", self.chunk_size), ("--batch-size", self.batch_size)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):

@@ -151,3 +151,30 @@ def test_model_loss_surface_equals_reference_and_has_no_accuracy() -> None:
     assert np.abs(s["train_loss"].reshape(-1) - ref[:, 0]).max() <= 1e-9
     assert np.isnan(s["train_acc"]).all()
     assert s.settings["loss"] == "tests:ce"
+
+
+def test_spec_validation_is_one_line_per_mistake() -> None:
+    from flatness.errors import FlatnessError
+
+    table = [
+        ({"x": "-1:1"}, r"--x expects MIN:MAX:N"),
+        ({"x": "-inf:1:3"}, r"--x -inf:1:3: grid bounds must be finite numbers"),
+        ({"x": "-1:1:3", "dim": 2}, r"--dim 2 needs --y"),
+        ({"x": "-1:1:3", "y": "0:1:3", "dim": 1}, r"--y is only used with --dim 2"),
+        ({"x": "-1:1:3", "directions": "random"}, r"unknown --directions 'random'"),
+        ({"x": "-1:1:3", "directions": "interp"}, r"needs one checkpoint"),
+        ({"x": "-1:1:3", "to": ("a.pt",)}, r"--to is only used with --directions interp"),
+        ({"x": "-1:1:3", "ignore": "bn"}, r"unknown --ignore 'bn'"),
+        ({"x": "-1:1:3", "method": "fast"}, r"unknown --method 'fast'"),
+        ({"x": "-1:1:3", "samples": 0}, r"--samples must be a positive integer, got 0"),
+        ({"x": "-1:1:3", "chunk_size": -2}, r"--chunk-size must be a positive integer, got -2"),
+        ({"x": "-1:1:3", "split": "val"}, r"unknown --split 'val'"),
+    ]
+    for kwargs, message in table:
+        with pytest.raises(FlatnessError, match=message) as e:
+            SurfaceSpec(**kwargs)
+        assert "\n" not in str(e.value)
+    spec = SurfaceSpec(x="-1:1:3", split="test", test=True)
+    assert spec.test is False and spec.ignore == "biasbn"
+    assert SurfaceSpec(x="-1:1:3", directions="hessian").ignore == "none"
+    assert SurfaceSpec(x=(-1, 1, 3), y="0:1:2").to_dict()["y"] == "0:1:2"

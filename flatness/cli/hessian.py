@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import tempfile
 from pathlib import Path
 
 from flatness.cli.common import (
@@ -119,8 +119,10 @@ def check_new_output(out: Path, force: bool) -> Path:
         folder = folder.parent
     if not folder.is_dir():
         raise FlatnessError(f"cannot create folder {out.parent}: {folder} is a file")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise FlatnessError(f"cannot write to folder {folder}: permission denied")
+    try:  # fail now, not after the work (a temporary file, deleted at once)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise FlatnessError(f"cannot write to folder {folder}: {e.strerror or e}") from None
     return out
 
 

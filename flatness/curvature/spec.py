@@ -70,7 +70,7 @@ class HessianSpec:
     def __post_init__(self) -> None:
         _positive_ints(self)
         if not self.tol > 0 or self.tol != self.tol or self.tol == float("inf"):
-            raise FlatnessError(f"--tol must be a positive number, got {self.tol}")
+            raise FlatnessError(f"--tol: expected a positive number, got {self.tol}")
         if self.max_iter < self.top_k:
             raise FlatnessError(
                 f"--max-iter {self.max_iter} cannot give {self.top_k} eigenvalues (Lanczos needs at least --top-k products); "
@@ -112,11 +112,11 @@ def _positive_ints(spec: HessianSpec) -> None:
         ("--density-steps", spec.density_steps), ("--density-runs", spec.density_runs), ("--batch-size", spec.batch_size),
     ):  # fmt: skip
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise FlatnessError(f"{flag} must be a positive integer, got {value!r}")
+            raise FlatnessError(f"{flag}: expected a positive integer, got {value!r}")
     if spec.samples is not None and (isinstance(spec.samples, bool) or not isinstance(spec.samples, int) or spec.samples < 1):
-        raise FlatnessError(f"--samples must be a positive integer, got {spec.samples!r}")
+        raise FlatnessError(f"--samples: expected a positive integer, got {spec.samples!r}")
     if isinstance(spec.seed, bool) or not isinstance(spec.seed, int):
-        raise FlatnessError(f"--seed must be an integer, got {spec.seed!r}")
+        raise FlatnessError(f"--seed: expected an integer, got {spec.seed!r}")
 
 
 def _choice(flag: str, value: object, choices: tuple[str, ...]) -> None:

@@ -13,11 +13,11 @@ from flatness.losses import ModelLoss
 from tests.flatness.curvature.problems import LOSS, problem
 
 BAD = [
-    (dict(top_k=0), "--top-k must be a positive integer, got 0"),
-    (dict(top_k=2.5), "--top-k must be a positive integer, got 2.5"),
-    (dict(tol=0.0), "--tol must be a positive number, got 0.0"),
-    (dict(tol=float("nan")), "--tol must be a positive number, got nan"),
-    (dict(tol=float("inf")), "--tol must be a positive number, got inf"),
+    (dict(top_k=0), "--top-k: expected a positive integer, got 0"),
+    (dict(top_k=2.5), "--top-k: expected a positive integer, got 2.5"),
+    (dict(tol=0.0), "--tol: expected a positive number, got 0.0"),
+    (dict(tol=float("nan")), "--tol: expected a positive number, got nan"),
+    (dict(tol=float("inf")), "--tol: expected a positive number, got inf"),
     (dict(top_k=5, max_iter=3), "--max-iter 3 cannot give 5 eigenvalues (Lanczos needs at least --top-k products); raise --max-iter"),
     (dict(trace_method="exact"), "unknown --trace-method 'exact'; expected one of 'hutch++', 'hutchinson'"),
     (dict(trace=True, trace_matvecs=3), "--trace-matvecs must be at least 4 for hutch++, got 3"),
@@ -26,8 +26,8 @@ BAD = [
     (dict(backend="hvp"), "unknown --backend 'hvp'"),
     (dict(split="val"), "unknown --split 'val'"),
     (dict(per_layer="row"), "unknown --per-layer 'row'; expected one of 'tensor', 'module'"),
-    (dict(samples=0), "--samples must be a positive integer, got 0"),
-    (dict(batch_size=-1), "--batch-size must be a positive integer, got -1"),
+    (dict(samples=0), "--samples: expected a positive integer, got 0"),
+    (dict(batch_size=-1), "--batch-size: expected a positive integer, got -1"),
     (dict(density=True, density_points=1), "the density needs at least 2 grid points, got 1"),
 ]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 from pathlib import Path
 
 from flatness.cli.common import add_command, require_file
@@ -55,8 +54,6 @@ def run(args: argparse.Namespace) -> int:
         raise FlatnessError(f"output {out} is a folder, expected a file path")
     if out.exists() and not args.force:
         raise FlatnessError(f"output {out} already exists; pass --force to overwrite it")
-    if args.vmax is not None and not math.isfinite(args.vmax):
-        raise FlatnessError(f"--vmax must be a finite number, got {args.vmax}")
     created = [p for p in reversed(out.parents) if not p.exists()]
     try:
         _draw(src, out, args)

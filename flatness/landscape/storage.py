@@ -53,6 +53,8 @@ from flatness.version import __version__
 FORMAT = "flatness-surface"
 FORMAT_VERSION = 1
 VALUE_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc")
+# Results recorded beside the settings (computed, not chosen): not compared on resume.
+RESULT_KEYS = ("hessian_eigenvalues",)
 EXTRA_KEYS = (
     "proj_xcoord",
     "proj_ycoord",
@@ -243,7 +245,7 @@ def check_resume(path: str | Path, settings: Mapping[str, Any]) -> dict[str, Any
     """
     old, attrs = stored_settings(path)
     new = _normalize(settings)
-    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    diff = [k for k in sorted(set(old) | set(new)) if k not in RESULT_KEYS and old.get(k) != new.get(k)]
     if diff:
         detail = "; ".join(f"{k}: {_short(old.get(k))} in the file, {_short(new.get(k))} now" for k in diff[:4])
         more = f" (and {len(diff) - 4} more)" if len(diff) > 4 else ""

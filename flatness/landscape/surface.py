@@ -103,8 +103,6 @@ def _broadcast_directions(chosen: list[list[Direction]], center: Sequence[Tensor
     return directions
 
 
-
-
 def degenerate_reason(directions: Sequence[Sequence[Tensor]]) -> str | None:
     """Why a set of directions spans less than its dimension (a zero or a parallel pair), or None."""
     flat = [flatten(d) for d in directions]

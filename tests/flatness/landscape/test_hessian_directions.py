@@ -73,3 +73,22 @@ def test_filter_normalized_hessian_directions_and_spec_checks() -> None:
         SurfaceSpec(x="-1:1:3", hessian_normalize="filter")
     with pytest.raises(FlatnessError, match="unknown --hessian-normalize 'layer'"):
         SurfaceSpec(x="-1:1:3", directions="hessian", hessian_normalize="layer")
+
+
+def test_a_hessian_surface_resumes_with_its_own_directions(tmp_path) -> None:  # noqa: ANN001
+    from flatness.landscape import SurfaceFile, read_surface
+
+    net, batches = _tiny()
+    spec = SurfaceSpec(x="-1:1:7", directions="hessian", chunk_size=2)
+    full = loss_surface(net, batches, spec)
+    out = tmp_path / "h.h5"
+
+    def stop(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        loss_surface(net, batches, spec, output=SurfaceFile(out), callback=stop)
+    assert np.isnan(read_surface(out)["train_loss"]).sum() == 5
+    s = loss_surface(net, batches, spec, output=SurfaceFile(out, resume=True))
+    np.testing.assert_allclose(s["train_loss"], full["train_loss"], rtol=0, atol=1e-12)
+    assert read_surface(out).settings["hessian_eigenvalues"] == full.settings["hessian_eigenvalues"]

@@ -155,7 +155,9 @@ def lanczos_top_eigs(
     top is made of separated outliers.
 
     Breakdown. When the new Lanczos vector vanishes (coupling
-    :math:`\beta_j \le 8\sqrt n\,\epsilon\,\|T\|`), the basis spans an
+    :math:`\beta_j \le 16\,\epsilon\,\|T\|`, far below any coupling that
+    carries information; the rounding noise of an exact breakdown is about
+    :math:`0.1\,\epsilon\,\|T\|`), the basis spans an
     invariant subspace: its Ritz values are exact eigenvalues, but a start
     vector sees only one copy of a repeated eigenvalue. The basis then
     continues from a fresh random vector orthogonal to it (coupling 0), and
@@ -229,7 +231,7 @@ def lanczos_top_eigs(
         Tj = T[: stop + 1, : stop + 1].to("cpu", torch.float64)
         if not bool(torch.isfinite(Tj).all()):
             raise ValueError(f"The operator returned non-finite values (NaN or inf) within the first {count} products")
-        broken = _first_breakdown(Tj, start, stop, 8 * n**0.5 * eps)
+        broken = _first_breakdown(Tj, start, stop, 16 * eps)
         if broken is not None and broken + 1 < n:
             stop, step = broken + 1, 1  # drop the steps after it; probe the new block one step at a time
             _restart_orthogonal(V, T, stop, gen)

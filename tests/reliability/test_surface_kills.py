@@ -87,7 +87,7 @@ def test_random_kills_then_resume(tmp_path: Path, make_checkpoint, surface_kill_
         # a random moment in the work left: between one more chunk and all but the last
         left = N * N - done
         target = done + N * rng.randint(1, max(1, left // N - ATTEMPTS + attempt))
-        kill = kill_when_partial(proc, out, N * N, at_least=min(target, N * N - 1))
+        kill = kill_when_partial(proc, out, N * N, at_least=min(target, N * N - N))  # before the last chunk of N cells
         assert kill.landed, f"kill {attempt + 1} did not land mid-work: {kill}"
         entry["landed"] += 1
         surface = read_surface(out)  # what a kill leaves must read (missing cells are NaN)

@@ -38,7 +38,7 @@ def computed_cells(path: Path) -> int | None:
     try:
         with h5py.File(path, "r", locking=False) as f:
             return int(np.isfinite(np.asarray(f["train_loss"][()])).sum())
-    except (OSError, KeyError):
+    except (OSError, KeyError, RuntimeError, ValueError):  # caught between two writes of the running process
         return None
 
 

@@ -22,9 +22,11 @@ Two ways to evaluate a chunk of points:
   On the CPU a large batch is cut into micro-batches whose largest
   activation fits in about 1 MiB (:func:`micro_batch_size`, a function of
   the model's shapes only, so a resumed run cuts the same way): the layers
-  then work in cache instead of streaming megabytes per layer through memory,
-  which on the 1-D CNN of ``benchmarks/surface.py`` is close to twice as fast
-  as one 1,000-sample forward.
+  then work in cache instead of streaming megabytes per layer through memory.
+  On the 1-D CNN of ``benchmarks/surface.py`` (two micro-batches of 551 and
+  449 samples) this is 1.15x faster than one 1,000-sample forward at best and
+  2.4x at the median on a loaded machine, where the large forward often falls
+  into a slow mode.
 - ``"vmap"``: ``torch.func.vmap`` over a stack of the chunk's weight sets
   through ``torch.func.functional_call``, one batched forward per data batch.
   Pays on GPUs, where a small model leaves the device idle between kernel

@@ -178,3 +178,18 @@ def test_spec_validation_is_one_line_per_mistake() -> None:
     assert spec.test is False and spec.ignore == "biasbn"
     assert SurfaceSpec(x="-1:1:3", directions="hessian").ignore == "none"
     assert SurfaceSpec(x=(-1, 1, 3), y="0:1:2").to_dict()["y"] == "0:1:2"
+
+
+def test_micro_batches_give_the_same_values() -> None:
+    from flatness.landscape.evaluate import micro_batch_size
+
+    net, batches = _setup(True)
+    center = model_weights(net)
+    dirs = random_directions(center, 2, seed=0)
+    pts = grid_points(np.linspace(-1, 1, 3), np.linspace(-1, 1, 2))
+    whole = evaluate_points(net, batches, center, dirs, pts, micro_batch=10**6).numpy()
+    cut = evaluate_points(net, batches, center, dirs, pts, micro_batch=5).numpy()  # 24 -> 5+5+5+5+4, 13 -> 5+5+3
+    ref = evaluate_points_reference(net, batches, center, dirs, pts)
+    assert np.abs(cut - ref).max() <= 1e-10 and np.abs(whole - ref).max() <= 1e-10
+    # a function of the shapes only: 1 MiB over the largest activation of one sample (6 channels x 19 x float64)
+    assert micro_batch_size(net, batches) == (1 << 20) // (6 * 19 * 8)

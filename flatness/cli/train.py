@@ -129,9 +129,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         config = TrainConfig(**fields)
     result = train(config, out, device=args.device, resume=args.resume, force=args.force, quiet=args.quiet)
-    from flatness.distributed import info
-
-    if info().is_main:
+    if result.is_main:
         last = result.metrics[-1] if result.metrics else {}
         print(
             f"trained {config.method} {config.model} on {config.data}: "

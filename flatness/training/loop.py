@@ -61,10 +61,13 @@ class TrainingDiverged(FlatnessError):
 
 @dataclass
 class TrainResult:
+    """What a run produced; ``is_main``: this process is rank 0 (the one that reports)."""
+
     run_dir: Path
     final: Path
     metrics: list[dict[str, Any]]
     seconds: float
+    is_main: bool = True
 
 
 def _seed_for(*parts: int) -> int:
@@ -277,7 +280,7 @@ def train(
                 _train_epoch(s, state, epoch)
                 _end_epoch(s, state, epoch)
             _save(s, state, run.final)
-            return TrainResult(run.root, run.final, state.metrics, time.perf_counter() - t_start)
+            return TrainResult(run.root, run.final, state.metrics, time.perf_counter() - t_start, info.is_main)
 
 
 def _prepare(config: TrainConfig, spec: MethodSpec, dev: torch.device, info: DistInfo) -> _Session:

@@ -16,11 +16,13 @@ generators, so random perturbations agree too).
   buffer sync; no DDP wrapper.
 
 ``gradient_as_bucket_view=True`` (gradients live in DDP's buckets, no
-extra copy), except for m-(A)RWP: the optimizer keeps the clean gradient
-tensor itself aside while the perturbed pass runs, and a bucket view would
-be overwritten by that pass. BatchNorm buffers are not broadcast per
-forward; they are averaged at the end of each epoch. With one process
-every hook is a no-op.
+extra copy). m-(A)RWP keeps the clean gradient tensor aside while the
+perturbed pass runs; since the optimizer zeroes gradients with
+``set_to_none`` between the passes, that tensor is not overwritten by the
+perturbed pass (tests/cli/test_train_distributed.py checks the m-ARWP
+result against one process with a large sigma). BatchNorm buffers are
+broadcast once at construction, not per forward; they are averaged at the
+end of each epoch. With one process every hook is a no-op.
 """
 
 from __future__ import annotations
@@ -36,10 +38,6 @@ from torch.nn.parallel import DistributedDataParallel
 from flatness.distributed import DistInfo
 from flatness.errors import FlatnessError
 from flatness.training.config import TrainConfig
-
-#: Methods whose optimizer holds the first pass's gradient tensors across the second pass.
-KEEPS_CLEAN_GRADIENT = ("m-rwp", "m-arwp")
-
 
 @dataclass
 class TrainParallel:
@@ -81,8 +79,8 @@ class TrainParallel:
             return cls(model, info)
         ddp = DistributedDataParallel(
             model,
-            broadcast_buffers=False,
-            gradient_as_bucket_view=config.method not in KEEPS_CLEAN_GRADIENT,
+            forward_sync_buffers=False,  # buffers: broadcast once here, averaged at epoch ends
+            gradient_as_bucket_view=True,
         )
         return cls(model, info, ddp, per_rank_first_pass)
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from flatness.checkpoint import read_checkpoint_file
@@ -22,14 +23,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_data_parallel_equals_single_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", [["--method", "sgd"], ["--method", "m-arwp", "--sigma", "0.5"]], ids=["sgd", "m-arwp"])
+def test_data_parallel_equals_single_process(tmp_path: Path, method: list[str]) -> None:
+    """DDP (2 gloo processes, half the batch each) gives the single-process weights.
+
+    m-ARWP: both passes are averaged and the noise generators agree across ranks,
+    so the mixed gradient is the full-batch one; this also checks that the clean
+    gradient kept aside is not a DDP bucket view overwritten by the perturbed pass.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "flatness", "train", *ARGS, "--out", str(tmp_path / "ddp")]
+           "-m", "flatness", "train", *ARGS, *method, "--out", str(tmp_path / "ddp")]
     r = subprocess.run(cmd, cwd=RUN_DIR, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.count("trained sgd") == 1  # only rank 0 reports
-    single = run_cli("train", *ARGS, "--out", str(tmp_path / "single"))
+    assert r.stdout.count(f"trained {method[1]}") == 1  # only rank 0 reports
+    single = run_cli("train", *ARGS, *method, "--out", str(tmp_path / "single"))
     assert single.returncode == 0, single.stderr
     a = read_checkpoint_file(tmp_path / "ddp" / "final.pt")
     b = read_checkpoint_file(tmp_path / "single" / "final.pt")
@@ -52,3 +60,23 @@ def test_parallel_roles_under_torchrun(tmp_path: Path) -> None:
 def test_parallel_roles_needs_torchrun(tmp_path: Path) -> None:
     r = run_cli("train", *ARGS, "--method", "m-arwp", "--parallel-roles", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "torchrun" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_sam_under_ddp_perturbs_per_rank(tmp_path: Path) -> None:
+    """SAM under DDP: the first pass runs under no_sync (per-rank perturbation), the update is shared.
+
+    The result differs from one process (each rank ascends along its own half-batch
+    gradient), but training works and every rank holds the same weights.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "flatness", "train", *ARGS, "--method", "sam", "--out", str(tmp_path / "ddp")]
+    r = subprocess.run(cmd, cwd=RUN_DIR, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    single = run_cli("train", *ARGS, "--method", "sam", "--out", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr
+    a = read_checkpoint_file(tmp_path / "ddp" / "final.pt")
+    b = read_checkpoint_file(tmp_path / "single" / "final.pt")
+    assert a["metrics"][-1]["train_loss"] < a["metrics"][0]["train_loss"]
+    diff = max(float((a["state_dict"][k] - b["state_dict"][k]).abs().max()) for k in b["state_dict"])
+    assert diff > 1e-4  # per-rank perturbation: not the single-process path

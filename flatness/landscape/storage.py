@@ -440,17 +440,25 @@ class SurfaceLock:
     process), HDF5's own ``flock`` in the same process does not conflict, and
     closing other descriptors of the file does not release it.
 
+    Where the platform has no such locks (not Linux), no lock is taken.
+
     Raises:
         FlatnessError: another process holds the lock.
     """
 
     def __init__(self, path: str | Path) -> None:
-        import fcntl
         import os
         import struct
 
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            fcntl = None  # type: ignore[assignment]
         self.path = Path(path)
-        self._fd: int | None = os.open(self.path, os.O_RDWR)
+        self._fd: int | None = None
+        if fcntl is None or not hasattr(fcntl, "F_OFD_SETLK"):
+            return
+        self._fd = os.open(self.path, os.O_RDWR)
         try:
             fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
         except OSError:

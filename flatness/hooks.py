@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -98,3 +99,22 @@ def short_name(spec: str) -> str:
     target, _, attr = spec.rpartition(":")
     stem = Path(target).stem if target.endswith(".py") else target
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in f"{stem}.{attr}")
+
+
+def call_with_kwargs(fn: Callable[..., Any], spec: str, kwargs: dict[str, Any], what: str) -> Any:
+    """``fn(**kwargs)``, after checking that ``fn`` takes these keyword arguments.
+
+    The check is done on the signature, so a ``TypeError`` raised inside the
+    user's own code is not mistaken for a bad ``--model-kwargs`` /
+    ``--data-kwargs`` (it keeps its traceback).
+
+    Raises:
+        FlatnessError: ``fn`` does not take ``kwargs`` (names ``what`` and ``spec``).
+    """
+    try:
+        inspect.signature(fn).bind(**kwargs)
+    except TypeError as e:
+        raise FlatnessError(f"{what} {spec!r} does not take these arguments {kwargs}: {e}") from None
+    except ValueError:
+        pass  # no signature to read (some builtins): the call itself decides
+    return fn(**kwargs)

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sequent
 
 from flatness.data.base import Batch, Dataset, Split
 from flatness.errors import FlatnessError
-from flatness.hooks import load_callable
+from flatness.hooks import call_with_kwargs, load_callable
 
 READ_BATCH = 256  # samples per read when wrapping a map-style dataset
 
@@ -43,11 +43,7 @@ def load_user_dataset(spec: str, kwargs: dict[str, Any]) -> Dataset:
             ``kwargs``, does not return two datasets, or yields samples that
             are not tensors (or numbers) of one structure.
     """
-    fn = load_callable(spec)
-    try:
-        result = fn(**kwargs)
-    except TypeError as e:
-        raise FlatnessError(f"data callable {spec!r} does not take these arguments {kwargs}: {e}") from None
+    result = call_with_kwargs(load_callable(spec), spec, kwargs, "data callable")
     if not isinstance(result, (tuple, list)) or len(result) != 2:
         raise FlatnessError(f"data callable {spec!r} must return (train, test) datasets or DataLoaders; it returned {_kind(result)}")
     train, test = (read_split(part, f"the {name} data of {spec!r}") for part, name in zip(result, ("train", "test")))

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from flatness.errors import FlatnessError
-from flatness.hooks import is_callable_spec, load_callable
+from flatness.hooks import call_with_kwargs, is_callable_spec, load_callable
 
 
 def _mlp(**kw: Any) -> nn.Module:
@@ -110,11 +110,7 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 def _build_user_model(spec: str, kwargs: dict[str, Any]) -> nn.Module:
-    fn = load_callable(spec)
-    try:
-        model = fn(**kwargs)
-    except TypeError as e:
-        raise FlatnessError(f"model {spec!r} does not take these arguments {kwargs}: {e}") from None
+    model = call_with_kwargs(load_callable(spec), spec, kwargs, "model")
     if not isinstance(model, nn.Module):
         raise FlatnessError(f"model {spec!r} returned {type(model).__qualname__}, expected a torch.nn.Module")
     return model

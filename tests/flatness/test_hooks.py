@@ -61,3 +61,20 @@ def test_short_name(spec: str, short: str) -> None:
     from flatness.hooks import short_name
 
     assert short_name(spec) == short
+
+
+def test_call_with_kwargs_checks_the_signature_not_the_body() -> None:
+    from flatness.hooks import call_with_kwargs
+
+    def build(width: int = 3) -> int:
+        return [1][width]  # an IndexError inside user code stays an IndexError, with its traceback
+
+    with pytest.raises(FlatnessError, match=r"model 'm.py:build' does not take these arguments \{'depth': 2\}"):
+        call_with_kwargs(build, "m.py:build", {"depth": 2}, "model")
+
+    def broken() -> None:
+        raise TypeError("a bug in the user's code")
+
+    with pytest.raises(TypeError, match="a bug in the user's code"):
+        call_with_kwargs(broken, "m.py:broken", {}, "data callable")
+    assert call_with_kwargs(build, "m.py:build", {"width": 0}, "model") == 1

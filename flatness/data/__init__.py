@@ -1,4 +1,8 @@
-"""Datasets held as tensors: MNIST-1D (embedded), CIFAR-10/100 (from disk), synthetic.
+"""Datasets held as tensors: MNIST-1D (embedded), CIFAR-10/100 (from disk), synthetic, or your own.
+
+``load_dataset("mymod.py:data")`` calls your function and holds the
+``(train, test)`` it returns as tensors, in the structure of your samples
+(see :mod:`flatness.data.user`).
 
 Every dataset is a :class:`~flatness.data.base.TensorDataset` pair (train,
 test) with an optional on-device augmentation for training. Analysis code

@@ -83,14 +83,10 @@ class Sources:
 def prepare_analysis(
     path: str | Path,
     *,
-    model: str | None = None,
-    data: str | None = None,
-    data_dir: str | Path | None = None,
     split: str = "train",
     samples: int | None = None,
     batch_size: int = 1000,
     device: torch.device | str = "cpu",
-    loss: str | None = None,
     sources: Sources | None = None,
 ) -> Analysis:
     """Load ``path`` and the fixed analysis batches and loss for it.
@@ -98,19 +94,23 @@ def prepare_analysis(
     Args:
         path: a checkpoint file, or a run directory (its ``final.pt``, else
             ``checkpoints/last.pt``).
-        model, data, data_dir, loss: shorthands for the fields of ``sources``
-            (ignored when ``sources`` is given).
         split: ``train`` or ``test``.
         samples: the first N samples of the split (all when None).
         batch_size: samples per batch (memory only).
         device: where the model and batches live.
-        sources: model/data/loss overrides, see :class:`Sources`.
+        sources: the model / data / loss when not the checkpoint's own
+            (see :class:`Sources`); None: all as recorded.
 
     Raises:
         FlatnessError: bad checkpoint, unknown dataset or loss, user code that
             cannot be imported, or a model, data and loss that do not fit.
+
+    Example:
+        >>> a = prepare_analysis("runs/mine", samples=512,  # doctest: +SKIP
+        ...                      sources=Sources(loss="mymod.py:lm_loss"))
+        >>> a.model, a.batches, a.loss_fn  # doctest: +SKIP
     """
-    src = sources or Sources(model=model, data=data, data_dir=data_dir, loss=loss)
+    src = sources or Sources()
     file, run_dir = resolve_checkpoint_path(path)
     ckpt = load_checkpoint(file, model=src.model, model_kwargs=src.model_kwargs, device=device)
     name = src.data or ckpt.dataset

@@ -89,9 +89,9 @@ def test_sources_override_and_misfits(user_ckpt: Path) -> None:
     with pytest.raises(FlatnessError, match=r"must return a scalar tensor \(the mean over the batch\), got a tensor of shape \(2,\)"):
         prepare_analysis(user_ckpt, sources=Sources(loss=f"{module}:per_sample"))
     with pytest.raises(FlatnessError, match=r"yields batches of dicts with keys ids, target, not \(inputs, targets\) pairs: pass --loss"):
-        prepare_analysis(user_ckpt, loss="cross_entropy")
+        prepare_analysis(user_ckpt, sources=Sources(loss="cross_entropy"))
     with pytest.raises(FlatnessError, match=r"was trained on '.*bag.py:data', but --data is 'synthetic'; pass --allow-other-data"):
-        prepare_analysis(user_ckpt, data="synthetic", loss="cross_entropy")
+        prepare_analysis(user_ckpt, sources=Sources(data="synthetic", loss="cross_entropy"))
     with pytest.raises(FlatnessError, match=r"does not fit synthetic data and loss 'cross_entropy'"):  # float inputs into an EmbeddingBag
         prepare_analysis(user_ckpt, sources=Sources(data="synthetic", loss="cross_entropy", allow_other_data=True))
     with pytest.raises(FlatnessError, match=r"was built with model kwargs \{'dim': 4\}, but --model-kwargs is \{'dim': 8\}"):
@@ -136,12 +136,12 @@ def test_run_directory_resolution(tmp_path: Path, make_checkpoint) -> None:  # n
     assert resolve_checkpoint_path(run) == (final, run) and resolve_checkpoint_path(final) == (final, None)
     a = prepare_analysis(run, samples=10)
     assert a.checkpoint.path == final and a.loss == "cross_entropy" and a.batches[0][0].shape == (10, 40)
-    assert prepare_analysis(run, data="synthetic", samples=10).dataset == "synthetic"  # its own data, named
+    assert prepare_analysis(run, samples=10, sources=Sources(data="synthetic")).dataset == "synthetic"  # its own data, named
 
 
 def test_other_data_needs_the_flag(make_checkpoint) -> None:  # noqa: ANN001
     ckpt = make_checkpoint(data="mnist1d")
     with pytest.raises(FlatnessError, match=r"trained on 'mnist1d', but --data is 'synthetic'; pass --allow-other-data"):
-        prepare_analysis(ckpt, data="synthetic")
+        prepare_analysis(ckpt, sources=Sources(data="synthetic"))
     a = prepare_analysis(ckpt, samples=10, sources=Sources(data="synthetic", allow_other_data=True))
     assert a.dataset == "synthetic"

@@ -87,3 +87,47 @@ def test_failed_write_keeps_previous(tmp_path: Path) -> None:
         save_checkpoint(path, {"model": "mlp", "state_dict": {"a": torch.ones(2)}, "bad": lambda: 0})  # unpicklable -> fails mid-write
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left behind
+
+
+def test_atomic_write_permissions_without_touching_the_umask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12: no process-wide side effects; the file gets the mode of any new file (0o666 & ~umask)."""
+    import os
+
+    from flatness.atomic import atomic_write_text
+
+    def no_umask(*_args: object) -> int:
+        raise AssertionError("atomic writes must not read or change the process umask")
+
+    old_mask = os.umask(0o027)  # a distinctive umask for the test
+    try:
+        monkeypatch.setattr(os, "umask", no_umask)
+        path = tmp_path / "f.json"
+        atomic_write_text(path, "{}")
+    finally:
+        monkeypatch.undo()
+        os.umask(old_mask)
+    assert path.read_text() == "{}"
+    assert (path.stat().st_mode & 0o777) == 0o640
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_process_group_is_destroyed_only_by_its_creator() -> None:
+    """Issue 12: one owner for a process group; a group joined before is left alone."""
+    import socket
+
+    import torch.distributed as dist
+
+    from flatness.distributed import process_group
+
+    with process_group(torch.device("cpu")) as info:  # one process: no group at all
+        assert not info.active and not dist.is_initialized()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        with process_group(torch.device("cpu")):
+            pass
+        assert dist.is_initialized()  # not ours to destroy
+    finally:
+        dist.destroy_process_group()

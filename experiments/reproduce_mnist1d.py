@@ -141,9 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--track-every", type=int, default=32, help="updates between two curvature measurements")
     p.add_argument("--figures", default=str(REPO / "figures"))
     p.add_argument("--draft", default=str(REPO / "docs" / "readme_drafts" / "study.md"))
+    p.add_argument("--render-only", action="store_true", help="redo table, figures and text from OUT/results.json")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.render_only:
+        results = json.loads((out / "results.json").read_text())
+        return render(results, out, argparse.Namespace(**{**results["args"], "figures": args.figures, "draft": args.draft}))
     from flatness.data import load_dataset
 
     load_dataset("mnist1d")  # generate / warm the cache once, before the workers start
@@ -164,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {"args": vars(args), "picked": picked, "grid": grid, "rows": [r for r in final if r["phase"] == "final"],
                "tracks": [r for r in final if r["phase"] == "track"], "wall_seconds": wall}
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    return render(results, out, args)
+
+
+def render(results: dict, out: Path, args: argparse.Namespace) -> int:
+    """Table, accuracy figure, curvature figure and the README text, all from ``results``."""
     table = write_table(results, out, args)
     curvature_figure(results["tracks"], Path(args.figures) / "curvature_training.png")
     Path(args.draft).parent.mkdir(parents=True, exist_ok=True)
@@ -250,7 +259,8 @@ def curvature_figure(tracks: list[dict], path: Path) -> None:
         ax.plot([t["step"] for t in r["track"]], [t["lambda_max"] for t in r["track"]], label=f"{r['name']} ({r['model']}, seed 0)")
     lr = next((r["lr"] for r in tracks if r["name"] == "sgd"), None)
     if lr:
-        ax.axhline(2 / lr, color="k", ls="--", lw=0.8, label=f"2/lr = {2 / lr:g} (SGD stability threshold, peak lr)")
+        ax.axhline(2 / lr, color="k", ls="--", lw=0.8, label=f"2/lr = {2 / lr:g} (gradient-descent stability threshold, peak lr)")
+        ax.axhline(3.8 / lr, color="k", ls=":", lw=0.8, label=f"(2+2·0.9)/lr = {3.8 / lr:g} (with momentum 0.9)")
     ax.set_yscale("log")
     ax.set_xlabel("updates")
     ax.set_ylabel(r"$\lambda_{max}$ (first 256 training samples, eval mode)")
@@ -290,6 +300,10 @@ def study_text(results: dict, table: str, args: argparse.Namespace) -> str:
             and (p := _diff(rows, m, n, "sgd-2x")) is not None and not p["within_noise"] and p["mean"] > 0]
     out += ["", "Methods whose test accuracy beats sgd-2x with an interval that excludes 0: "
             + (", ".join(f"{n} ({m})" for m, n in wins) if wins else "none") + "."]
+    flatter2 = [(m, n) for m in args.models for n in args.methods if n not in ("sgd", "sgd-2x")
+                and (p := _diff(rows, m, n, "sgd-2x", "lambda_max", False)) is not None and not p["within_noise"] and p["mean"] < 0]
+    out += ["Methods with a lower lambda_max than sgd-2x (interval excludes 0): "
+            + (", ".join(f"{n} ({m})" for m, n in flatter2) if flatter2 else "none") + "."]
     flatter = [(m, n) for m in args.models for n in args.methods if n not in ("sgd", "sgd-2x")
                and (p := _diff(rows, m, n, "sgd", "lambda_max", False)) is not None and not p["within_noise"] and p["mean"] < 0]
     out += ["Methods with a lower lambda_max than sgd (interval excludes 0): "
@@ -302,7 +316,16 @@ def study_text(results: dict, table: str, args: argparse.Namespace) -> str:
             out.append(f"- {r['name']}: lambda_max peaks at {max(lam):.1f} (update {r['track'][lam.index(max(lam))]['step']}), "
                        f"ends at {lam[-1]:.2f}; measuring took {100 * frac:.1f} % of training time" if frac is not None else
                        f"- {r['name']}: lambda_max peaks at {max(lam):.1f}, ends at {lam[-1]:.2f}")
-        out.append(f"- SGD's stability threshold 2/lr = {2 / 0.1:g} at the peak learning rate 0.1.")
+        out.append(f"- The stability threshold at the peak learning rate 0.1 is 2/lr = {2 / 0.1:g} for plain gradient descent and "
+                   f"(2 + 2 * 0.9)/lr = {3.8 / 0.1:g} with momentum 0.9 (Cohen et al. 2021); the cosine schedule raises both as "
+                   "the learning rate decays.")
+        sgd = next((r for r in results["tracks"] if r["name"] == "sgd"), None)
+        if sgd:
+            peak = max(t["lambda_max"] for t in sgd["track"])
+            out.append(f"- SGD's lambda_max peaks at {peak:.1f} = {100 * peak / 20:.0f} % of 2/lr: "
+                       + ("it stays below the edge of stability here rather than hovering at it." if peak < 0.9 * 20
+                          else "it reaches the edge of stability."))
+    out += ["", "The RWP / m-RWP sigma sweep (figures/reproduce/sigma_sweep.*) is from the earlier protocol and was not rerun."]
     out += ["", f"Study wall time: {results['wall_seconds'] / 60:.0f} min with {args.workers} worker processes "
             "(one torch thread each) on a 2-core machine shared with other jobs."]
     return "\n".join(out) + "\n"

@@ -180,7 +180,10 @@ def curvature_track_figure(entries: list[dict], out: Path) -> Path | None:
         ax.plot([r["step"] for r in rows], [r["lambda_max"] for r in rows], label=e["label"])
     lrs = sorted({(e.get("config") or {}).get("lr") for e in have if (e.get("config") or {}).get("method") == "sgd"} - {None})
     for lr in lrs:
-        ax.axhline(2.0 / lr, color="k", ls="--", lw=0.8, label=f"2/lr = {2.0 / lr:.3g} (SGD stability threshold)")
+        ax.axhline(2.0 / lr, color="k", ls="--", lw=0.8, label=f"2/lr = {2.0 / lr:.3g} (gradient-descent stability threshold, peak lr)")
+        moms = {(e.get("config") or {}).get("momentum") for e in have if (e.get("config") or {}).get("method") == "sgd"}
+        for beta in sorted(m for m in moms if m):
+            ax.axhline((2 + 2 * beta) / lr, color="k", ls=":", lw=0.8, label=f"(2+2·{beta:g})/lr = {(2 + 2 * beta) / lr:.3g} (momentum)")
     ax.set_yscale("log")
     ax.set_xlabel("updates")
     ax.set_ylabel(r"$\lambda_{max}$ (analysis batch)")

@@ -275,6 +275,11 @@ def _keys(s: CompareSettings) -> tuple[str, str]:
     return json.dumps(core, sort_keys=True), json.dumps(surf, sort_keys=True)
 
 
+def _measured_on(a: Analysis) -> str:
+    """Cache-key part for what a measure is taken on: ``--data`` / ``--loss`` (user code included) change every number."""
+    return json.dumps({"data": a.dataset, "loss": a.loss}, sort_keys=True)
+
+
 def _test_batches(a: Analysis, s: CompareSettings, device: torch.device | str) -> list:
     from flatness.data import analysis_batches
 
@@ -297,9 +302,9 @@ def measure_checkpoint(path: str | Path, out: str | Path, settings: CompareSetti
     cache = ArtifactCache(Path(out) / "cache", version=CACHE_VERSION)
     digest = file_digest(path)
     core_key, surf_key = _keys(settings)
-    cache.get_or_compute("core", (digest, core_key), lambda: _core_metrics(a, settings, _test_batches(a, settings, device)))
+    cache.get_or_compute("core", (digest, core_key, _measured_on(a)), lambda: _core_metrics(a, settings, _test_batches(a, settings, device)))
     if surface and settings.surface != "none":
-        cache.get_or_compute("surface", (digest, surf_key), lambda: surface_for(a, settings, device))
+        cache.get_or_compute("surface", (digest, surf_key, _measured_on(a)), lambda: surface_for(a, settings, device))
 
 
 def _entry(path: Path, digest: str, a: Analysis, group: str, label: str) -> dict[str, Any]:
@@ -386,12 +391,14 @@ def compare(
         seed = a.checkpoint.config.get("seed")
         label = _label(path, {"method": f"{group} s{seed}" if names.count(group) > 1 else group}, taken)
         entry = _entry(path, digest, a, group, label)
-        entry.update(cache.get_or_compute("core", (digest, core_key), lambda a=a: _core_metrics(a, s, test_batches)))
+        entry.update(cache.get_or_compute("core", (digest, core_key, _measured_on(a)), lambda a=a: _core_metrics(a, s, test_batches)))
         figure_too = s.surfaces_for == "all" or group not in groups_seen
         if figure_too:
-            entry["interpolation"] = cache.get_or_compute("interp", (digests[0], digest, interp_key), lambda a=a: _interpolation(first, a, s))
+            entry["interpolation"] = cache.get_or_compute(
+                "interp", (digests[0], digest, interp_key, _measured_on(a)), lambda a=a: _interpolation(first, a, s)
+            )
         if s.surface != "none" and figure_too:
-            entry["surface"] = cache.get_or_compute("surface", (digest, surf_key), lambda a=a: surface_for(a, s, device))
+            entry["surface"] = cache.get_or_compute("surface", (digest, surf_key, _measured_on(a)), lambda a=a: surface_for(a, s, device))
         groups_seen.add(group)
         entries.append(entry)
 

@@ -159,7 +159,7 @@ def test_surface_of_own_model(user_dir: Path) -> None:
         np.testing.assert_allclose(values[i], _dense(moved)[0], rtol=1e-5)
 
 
-def test_compare_own_models(user_dir: Path) -> None:
+def test_compare_own_models(user_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """compare takes a run directory as surface and hessian do: an unfinished run stands for checkpoints/last.pt."""
     torch.manual_seed(1)
     other = {k: v + 0.1 * torch.randn_like(v) for k, v in torch.load(user_dir / "weights.pt").items()}
@@ -171,8 +171,16 @@ def test_compare_own_models(user_dir: Path) -> None:
     report = json.loads((user_dir / "rep" / "report.json").read_text())
     assert [Path(e["path"]).name for e in report["checkpoints"]] == ["weights.pt", "last.pt"]
     top = [_lambda_max(e) for e in report["checkpoints"]]
-    refs = [float(torch.linalg.eigvalsh(_dense(s)[1])[-1]) for s in (torch.load(user_dir / "weights.pt"), other)]
+    states = (torch.load(user_dir / "weights.pt"), other)
+    refs = [float(torch.linalg.eigvalsh(_dense(s)[1])[-1]) for s in states]
     np.testing.assert_allclose(top, refs, rtol=1e-4)
+    np.testing.assert_allclose([e["train_loss"] for e in report["checkpoints"]], [_dense(s)[0] for s in states], rtol=1e-5)
+    # another loss on the same files is measured again, not read from the report's cache
+    monkeypatch.chdir(user_dir)
+    assert main(["compare", "weights.pt", "run_b", *USER, "--loss", "mymod.py:loss", *args, "--force"]) == 0
+    report = json.loads((user_dir / "rep" / "report.json").read_text())
+    want = [_dense(s, loss="squared")[0] for s in states]
+    np.testing.assert_allclose([e["train_loss"] for e in report["checkpoints"]], want, rtol=1e-5)
 
 
 def _lambda_max(entry: dict) -> float:

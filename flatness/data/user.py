@@ -49,7 +49,7 @@ def load_user_dataset(spec: str, kwargs: dict[str, Any]) -> Dataset:
     train, test = (read_split(part, f"the {name} data of {spec!r}") for part, name in zip(result, ("train", "test")))
     if _structure(train.fields) != _structure(test.fields):
         raise FlatnessError(f"the train and test data of {spec!r} differ in structure: {_structure(train.fields)} vs {_structure(test.fields)}")
-    return Dataset(spec, train, test, num_classes=infer_num_classes(train, test), info={"source": spec})
+    return Dataset(spec, train, test, num_classes=infer_num_classes(train, test), info={"source": spec, "kwargs": dict(kwargs)})
 
 
 def read_split(data: Any, what: str) -> Split:

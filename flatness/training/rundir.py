@@ -119,7 +119,7 @@ def open_run_dir(out: str | Path, *, resume: bool, force: bool) -> Iterator[tupl
             folder cannot be written.
     """
     run = RunDir(Path(out))
-    _check_target(run, resume=resume)
+    _check_target(run, resume=resume, force=force)
     if not run.root.exists():
         try:
             run.root.mkdir(parents=True)
@@ -129,13 +129,29 @@ def open_run_dir(out: str | Path, *, resume: bool, force: bool) -> Iterator[tupl
         yield prepare_run_dir(run.root, resume=resume, force=force)
 
 
-def _check_target(run: RunDir, *, resume: bool) -> None:
+def _check_target(run: RunDir, *, resume: bool, force: bool) -> None:
+    """The refusals that need no lock, made before anything (even the lock file) is created."""
     if run.root.exists() and not run.root.is_dir():
         raise FlatnessError(f"--out {run.root} exists and is not a folder")
     if resume and (not run.root.exists() or not any(run.root.iterdir())):
         raise FlatnessError(
             f"--resume: there is no run in {run.root} to continue; to start a new run there, pass --out {run.root} without --resume"
         )
+    if run.root.exists():
+        _check_existing(run, resume=resume, force=force)
+
+
+def _check_existing(run: RunDir, *, resume: bool, force: bool) -> bool:
+    """Refuse to touch an existing folder without the flag that allows it; True when it is not empty."""
+    nonempty = any(e.name != LOCK_NAME for e in run.root.iterdir())
+    is_run = run.config.exists() or _leftovers_only(run.root)
+    if nonempty and resume and not is_run:
+        raise FlatnessError(f"--resume: {run.root} is not a flatness run directory (no config.json)")
+    if nonempty and not resume and not force:
+        raise FlatnessError(f"run directory {run.root} already exists; pass --resume to continue it or --force to replace it")
+    if nonempty and force and not resume and not is_run:
+        raise FlatnessError(f"--force: {run.root} is not a flatness run directory (no config.json); refusing to delete it")
+    return nonempty
 
 
 @contextlib.contextmanager
@@ -182,14 +198,7 @@ def prepare_run_dir(out: str | Path, *, resume: bool, force: bool) -> tuple[RunD
             cannot be written (checked before anything is removed).
     """
     run = RunDir(Path(out))
-    nonempty = any(e.name != LOCK_NAME for e in run.root.iterdir())
-    is_run = run.config.exists() or _leftovers_only(run.root)
-    if nonempty and resume and not is_run:
-        raise FlatnessError(f"--resume: {run.root} is not a flatness run directory (no config.json)")
-    if nonempty and not resume and not force:
-        raise FlatnessError(f"run directory {run.root} already exists; pass --resume to continue it or --force to replace it")
-    if nonempty and force and not resume and not is_run:
-        raise FlatnessError(f"--force: {run.root} is not a flatness run directory (no config.json); refusing to delete it")
+    nonempty = _check_existing(run, resume=resume, force=force)  # again, now under the lock
     check_writable(run)
     if nonempty and resume:
         remove_temp_files(run)

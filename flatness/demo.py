@@ -215,7 +215,7 @@ def run_demo(out: str | Path, spec: DemoSpec | None = None, *, device: str = "cp
                  surface=j["seed"] == spec.first_seed)
     done = sorted(_execute(jobs, workers, t0), key=lambda r: (spec.methods.index(r["label"]), r["seed"]))
     LOG.info("report: assembling (%.0f s elapsed)", time.perf_counter() - t0)
-    with _torch_threads(max(1, workers)):
+    with _torch_threads(1):  # one thread here too: on a loaded machine a second thread only adds contention
         report = compare([r["final"] for r in done], out / "report", settings, labels=[r["label"] for r in done],
                          device=device, force=True, quiet=quiet, notes=protocol_notes(spec))
     seconds = time.perf_counter() - t0

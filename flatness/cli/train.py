@@ -22,6 +22,7 @@ EXAMPLES = """\
   flatness train --method sgd --track-curvature 50 --save-every 50 --out runs/eos   # lambda_max every 50 updates
   torchrun --nproc_per_node 2 -m flatness train --method sam --out runs/ddp   # DistributedDataParallel
   torchrun --nproc_per_node 2 -m flatness train --method m-arwp --parallel-roles --out runs/par
+  flatness train --model mymod.py:build --data mymod.py:data --loss mymod.py:lm_loss --out runs/mine   # your own code
 
 protocol: --epochs E means E epochs' worth of parameter UPDATES for every method, with the LR schedule
 stepped per update. The alternate m-(A)RWP scheme (one update per two batches) therefore reads 2E data
@@ -48,10 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "train", "Train a model with a flatness-seeking method; write a run directory.", EXAMPLES)
     g = p.add_argument_group("run")
     g.add_argument("--method", default=d.method, help="sgd, sam, asam, delta-sam, rwp, m-rwp, arwp, m-arwp")
-    g.add_argument("--model", default=d.model, help=f"one of {', '.join(MODEL_NAMES)}")
+    g.add_argument("--model", default=d.model, metavar="NAME|MODULE:FN", help=f"one of {', '.join(MODEL_NAMES)}, or your own: module:fn / file.py:fn returning an nn.Module")
     g.add_argument("--model-kwargs", type=_model_kwargs, default={}, help="JSON object of model arguments")
-    g.add_argument("--data", default=d.data, help=f"one of {', '.join(DATASET_NAMES)}")
+    g.add_argument("--data", default=d.data, metavar="NAME|MODULE:FN", help=f"one of {', '.join(DATASET_NAMES)}, or your own: module:fn returning (train, test)")
+    g.add_argument("--data-kwargs", type=_model_kwargs, default={}, help="JSON object of arguments of a --data callable")
     g.add_argument("--data-dir", default=None, help="folder with the CIFAR python-pickle batches")
+    g.add_argument("--loss", default=d.loss, metavar="NAME|MODULE:FN", help="cross_entropy, mse, or your own loss(model, batch) -> mean loss")
     g.add_argument("--out", default=None, help="run directory (default runs/METHOD-MODEL-DATA-sSEED)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N updates within an epoch (0: epoch ends only)")
@@ -100,6 +103,7 @@ def _given(args: argparse.Namespace) -> set[str]:
 def _fields(args: argparse.Namespace) -> dict:
     return {
         "model": args.model, "data": args.data, "data_dir": args.data_dir, "model_kwargs": args.model_kwargs,
+        "data_kwargs": args.data_kwargs, "loss": args.loss,
         "method": args.method, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "momentum": args.momentum, "weight_decay": args.weight_decay, "nesterov": args.nesterov,
         "schedule": args.schedule, "seed": args.seed, "cutout": args.cutout, "augment": not args.no_augment,
@@ -112,11 +116,12 @@ def _fields(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from flatness.hooks import short_name
     from flatness.training import TrainConfig, train
     from flatness.training.rundir import resume_settings
 
     fields = _fields(args)
-    out = args.out or f"runs/{args.method}-{args.model}-{args.data}-s{args.seed}"
+    out = args.out or f"runs/{args.method}-{short_name(args.model)}-{short_name(args.data)}-s{args.seed}"
     saved = resume_settings(out, {}) if args.resume else None
     if saved is not None:
         # Resume: start from the saved settings; flags typed now must agree (checked by train()).
@@ -133,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
         last = result.metrics[-1] if result.metrics else {}
         print(
             f"trained {config.method} {config.model} on {config.data}: "
-            f"test_acc {last.get('test_acc', float('nan')):.2f}% test_loss {last.get('test_loss', float('nan')):.4f} "
+            + (f"test_acc {last['test_acc']:.2f}% " if "test_acc" in last else "")
+            + f"test_loss {last.get('test_loss', float('nan')):.4f} "
             f"train_loss {last.get('train_loss', float('nan')):.4f} in {result.seconds:.1f}s -> {result.final}"
         )
     return 0

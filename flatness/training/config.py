@@ -69,6 +69,8 @@ class TrainConfig:
     data: str = "mnist1d"
     data_dir: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data_kwargs: dict[str, Any] = field(default_factory=dict)
+    loss: str = "cross_entropy"
     method: str = "sgd"
     epochs: int = 60
     batch_size: int = 128
@@ -149,6 +151,8 @@ class TrainConfig:
             raise FlatnessError("--incstd and --sigma-inc are two sigma schedules; pass one of them")
         if self.incstd and self.weight_decay <= 0:
             raise FlatnessError("--incstd starts sigma at --weight-decay (the official schedule), so it needs --weight-decay > 0")
+        if self.method == "delta-sam" and self.loss != "cross_entropy":
+            raise FlatnessError(f"delta-sam weighs per-sample cross-entropy losses; it takes --loss cross_entropy, not {self.loss!r}")
         if self.track_trace and not self.track_curvature:
             raise FlatnessError("--track-trace needs --track-curvature N (the updates between measurements)")
 

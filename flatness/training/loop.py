@@ -38,10 +38,12 @@ from torch import Tensor, nn
 
 from flatness import distributed
 from flatness.checkpoint import read_checkpoint_file, save_checkpoint
-from flatness.data import Dataset, load_dataset
+from flatness.data import Dataset, Split, load_dataset
+from flatness.data.base import Batch, map_batch
 from flatness.device import resolve_device
 from flatness.distributed import DistInfo
 from flatness.errors import FlatnessError
+from flatness.losses import LossFn, ModelLoss, batch_size, resolve_loss
 from flatness.models import build_model
 from flatness.models.registry import default_model_kwargs
 from flatness.progress import progress
@@ -115,6 +117,15 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
     return float(loss_sum) / n, 100.0 * float(correct) / n
 
 
+def _evaluate(s: _Session, split: Split) -> tuple[float, float]:
+    """Mean loss and accuracy (%) of a split in eval mode (accuracy NaN unless ``s.data.classify``)."""
+    if s.data.loss_fn is F.cross_entropy and split.classic:
+        return evaluate(s.model, split.x, split.y)
+    from flatness.evaluation import evaluate as evaluate_batches
+
+    return evaluate_batches(s.model, s.data.loss_fn, [split.take(slice(i, i + 1000)) for i in range(0, len(split), 1000)])
+
+
 class _Closure:
     """Forward + backward on one batch; remembers the first gradient pass's loss and logits.
 
@@ -123,8 +134,8 @@ class _Closure:
     (the DDP wrapper under torchrun), inside ``par.pass_context``.
     """
 
-    def __init__(self, par: TrainParallel, x: Tensor, y: Tensor, spec: MethodSpec) -> None:
-        self.par, self.x, self.y, self.spec = par, x, y, spec
+    def __init__(self, par: TrainParallel, batch: Batch, spec: MethodSpec, loss_fn: LossFn = F.cross_entropy) -> None:
+        self.par, self.batch, self.spec, self.loss_fn = par, batch, spec, loss_fn
         self.calls = 0
         self.first_loss: Tensor | None = None
         self.first_logits: Tensor | None = None
@@ -132,12 +143,16 @@ class _Closure:
     def __call__(self) -> Tensor:
         with self.par.pass_context(self.calls):
             self.calls += 1
-            out = self.par.module(self.x)
             per_sample = self.spec.per_sample_loss
-            loss = F.cross_entropy(out, self.y, reduction="none" if per_sample else "mean")
+            if isinstance(self.loss_fn, ModelLoss):
+                out, loss = None, self.loss_fn(self.par.module, self.batch)
+            else:
+                x, y = self.batch
+                out = self.par.module(x)
+                loss = F.cross_entropy(out, y, reduction="none") if per_sample else self.loss_fn(out, y)
             if self.first_loss is None and torch.is_grad_enabled():  # delta-SAM's probes run without grad
                 self.first_loss = loss.detach().mean()
-                self.first_logits = out.detach()
+                self.first_logits = out.detach() if out is not None else None
             if not per_sample:
                 loss.backward()
         return loss
@@ -160,7 +175,7 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 RESUME_KEYS = ("state_dict", "optimizer", "scheduler", "rng", "epoch", "step", "batch_in_epoch", "epoch_sums", "metrics")
 
 
-def _checked_model(config: TrainConfig, ds: Dataset, dev: torch.device) -> nn.Module:
+def _checked_model(config: TrainConfig, ds: Dataset, dev: torch.device, loss_fn: LossFn = F.cross_entropy) -> nn.Module:
     """Build the model and run one forward pass on two training samples (eval mode, no grad).
 
     Raises:
@@ -172,6 +187,13 @@ def _checked_model(config: TrainConfig, ds: Dataset, dev: torch.device) -> nn.Mo
     except (RuntimeError, ValueError) as e:
         raise FlatnessError(f"model {config.model!r} cannot be built with {config.model_kwargs}: {str(e).splitlines()[0]}") from None
     model.eval()
+    if isinstance(loss_fn, ModelLoss) or not ds.train.classic or ds.num_classes is None:
+        from flatness.analysis import check_fit  # the user's own data or loss: the generic check
+
+        batch = map_batch(lambda t: t[:2].to(dev), ds.train.fields)
+        check_fit(model, loss_fn, batch, what=f"model {config.model!r}", data=config.data, num_classes=ds.num_classes)
+        model.train()
+        return model
     try:
         with torch.no_grad():
             out = model(ds.train.x[:2].to(dev))
@@ -189,14 +211,24 @@ def _checked_model(config: TrainConfig, ds: Dataset, dev: torch.device) -> nn.Mo
 
 @dataclass
 class _Data:
-    """The run's tensors on the training device; ``train_idx`` excludes the validation split."""
+    """The run's tensors on the training device; ``train_idx`` excludes the validation split.
 
-    x: Tensor
-    y: Tensor
+    Splits keep the structure of the data's samples: ``(x, y)`` pairs for the
+    built-in datasets, whatever the user's data callable yields otherwise
+    (then ``loss_fn`` is a :class:`~flatness.losses.ModelLoss`).
+    """
+
+    train: Split
     train_idx: Tensor
-    val: tuple[Tensor, Tensor] | None
-    test: tuple[Tensor, Tensor]
+    val: Split | None
+    test: Split
     augment: Callable[[Tensor, torch.Generator], Tensor] | None
+    loss_fn: LossFn = F.cross_entropy
+
+    @property
+    def classify(self) -> bool:
+        """Accuracy is defined: (x, y) data with class-index targets under an (output, target) loss."""
+        return not isinstance(self.loss_fn, ModelLoss) and self.train.classic and not self.train.y.is_floating_point()
 
     @property
     def n(self) -> int:
@@ -286,15 +318,16 @@ def train(
 def _prepare(config: TrainConfig, spec: MethodSpec, dev: torch.device, info: DistInfo) -> _Session:
     """Data, model and settings checks: everything that can fail before the run directory is touched."""
     TrainParallel.check(config, info)
-    ds = load_dataset(config.data, config.data_dir, cutout=config.cutout, augment=config.augment)
+    ds = load_dataset(config.data, config.data_dir, cutout=config.cutout, augment=config.augment, kwargs=config.data_kwargs or None)
+    loss_fn = resolve_loss(config.loss)
     kwargs = {**default_model_kwargs(config.model, ds.num_classes, ds.input_shape), **config.model_kwargs}
     config = dataclasses.replace(config, model_kwargs=kwargs)
     torch.manual_seed(config.seed)
-    model = _checked_model(config, ds, dev)
+    model = _checked_model(config, ds, dev, loss_fn)
     train_idx, val_idx = split_validation(len(ds.train), config.val_split, config.seed)
-    x, y = ds.train.x.to(dev), ds.train.y.to(dev)
-    val = (x[val_idx.to(dev)], y[val_idx.to(dev)]) if config.val_split else None
-    data = _Data(x, y, train_idx.to(dev), val, (ds.test.x.to(dev), ds.test.y.to(dev)), ds.augment)
+    train = ds.train.to(dev)
+    val = Split.of(train.take(val_idx.to(dev))) if config.val_split else None
+    data = _Data(train, train_idx.to(dev), val, ds.test.to(dev), ds.augment, loss_fn)
     return _Session(config, spec, dev, info, model, data)
 
 
@@ -322,8 +355,8 @@ def _build_state(s: _Session, resuming: bool) -> _State:
     scheduler = make_scheduler(optimizer, c, s.batches_per_epoch)
     tracker = None
     if c.track_curvature:
-        xb, yb = s.data.x[: c.track_samples], s.data.y[: c.track_samples]
-        tracker = CurvatureTracker(c.track_curvature, c.track_trace, (xb, yb))
+        fixed = s.data.train.take(slice(0, c.track_samples))
+        tracker = CurvatureTracker(c.track_curvature, c.track_trace, fixed, loss_fn=s.data.loss_fn)
     state = _State(optimizer, scheduler, TrainParallel(s.model, s.info), tracker)
     state.acc, state.bad_step = state.acc.to(s.dev), state.bad_step.to(s.dev)
     if resuming:
@@ -447,13 +480,14 @@ def _check_finite(s: _Session, state: _State, epoch: int, *, weights: bool = Fal
         )
 
 
-def _batch(s: _Session, order: Tensor, epoch: int, b: int, par: TrainParallel) -> tuple[Tensor, Tensor]:
+def _batch(s: _Session, order: Tensor, epoch: int, b: int, par: TrainParallel) -> Batch:
     bs = s.config.batch_size
     idx = par.local_indices(s.data.train_idx[order[b * bs : (b + 1) * bs]])
-    x, y = s.data.x[idx], s.data.y[idx]
-    if s.data.augment is not None:
-        x = s.data.augment(x, torch.Generator(device=s.dev).manual_seed(_seed_for(s.config.seed, epoch, b)))
-    return x, y
+    batch = s.data.train.take(idx)
+    if s.data.augment is not None:  # the built-in image sets: (x, y)
+        x, y = batch
+        batch = (s.data.augment(x, torch.Generator(device=s.dev).manual_seed(_seed_for(s.config.seed, epoch, b))), y)
+    return batch
 
 
 def _train_epoch(s: _Session, state: _State, epoch: int) -> None:
@@ -464,15 +498,17 @@ def _train_epoch(s: _Session, state: _State, epoch: int) -> None:
     s.model.train()
     bar = progress(range(state.batch_in_epoch, s.batches_per_epoch), quiet=s.quiet, desc=f"epoch {epoch + 1}/{c.data_epochs}")
     for b in bar:
-        x, y = _batch(s, order, epoch, b, state.par)
-        closure = _Closure(state.par, x, y, s.spec)
+        batch = _batch(s, order, epoch, b, state.par)
+        closure = _Closure(state.par, batch, s.spec, s.data.loss_fn)
         opt.zero_grad(set_to_none=True)
         opt.step(closure)
         updated = getattr(opt, "last_step_updated", True)
         step_of_batch = state.step + 1  # the update this batch belongs to
         loss = closure.first_loss
         state.bad_step = torch.where((state.bad_step < 0) & ~torch.isfinite(loss), torch.full_like(state.bad_step, step_of_batch), state.bad_step)
-        state.acc += torch.stack([loss.double() * y.shape[0], (closure.first_logits.argmax(1) == y).sum().double(), state.acc.new_tensor(y.shape[0])])
+        n = batch_size(batch)
+        correct = (closure.first_logits.argmax(1) == batch[1]).sum().double() if s.data.classify else state.acc.new_zeros(())
+        state.acc += torch.stack([loss.double() * n, correct, state.acc.new_tensor(n)])
         state.batch_in_epoch = b + 1
         if updated:
             _after_update(s, state, epoch)
@@ -500,7 +536,7 @@ def _end_epoch(s: _Session, state: _State, epoch: int) -> None:
     _check_finite(s, state, epoch)
     state.par.sync_buffers()
     sums = state.par.reduce_sums(state.acc)
-    test_loss, test_acc = evaluate(s.model, *s.data.test)
+    test_loss, test_acc = _evaluate(s, s.data.test)
     if not math.isfinite(test_loss):
         raise TrainingDiverged(
             f"training diverged: the test loss is {test_loss} after epoch {epoch + 1}, step {state.step}; "
@@ -517,7 +553,10 @@ def _end_epoch(s: _Session, state: _State, epoch: int) -> None:
         "seconds": state.seconds - sum(r["seconds"] for r in state.metrics),
     }
     if s.data.val is not None:
-        row["val_loss"], row["val_acc"] = evaluate(s.model, *s.data.val)
+        row["val_loss"], row["val_acc"] = _evaluate(s, s.data.val)
+    if not s.data.classify:  # accuracy exists only for (x, y) classification
+        for key in ("train_acc", "test_acc", "val_acc"):
+            row.pop(key, None)
     if state.tracker is not None:
         row["curvature_fraction"] = state.tracker.seconds / max(state.seconds, 1e-12)
     state.metrics.append(row)

@@ -38,7 +38,7 @@ class CurvatureTracker:
     Attributes:
         every: updates between measurements.
         trace: also estimate the trace (Hutch++, :data:`TRACE_MATVECS` products).
-        batch: the fixed analysis batch ``(x, y)``.
+        batch: the fixed analysis batch: ``(x, y)``, or any batch ``loss_fn`` takes.
         vector: the last top eigenvector (flat, over all parameters in
             ``model.parameters()`` order), the next warm start.
         rows: one dict per measured point (``curvature.jsonl``).
@@ -47,10 +47,11 @@ class CurvatureTracker:
 
     every: int
     trace: bool
-    batch: tuple[Tensor, Tensor]
+    batch: Any
     vector: Tensor | None = None
     rows: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    loss_fn: Any = F.cross_entropy  # ``(output, target)`` loss or a flatness.losses.ModelLoss
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -61,7 +62,7 @@ class CurvatureTracker:
         from flatness.curvature.operator import HessianOperator
 
         t0 = time.perf_counter()
-        H = HessianOperator(model, F.cross_entropy, [self.batch], distributed=False)
+        H = HessianOperator(model, self.loss_fn, [self.batch], distributed=False)
         v0 = self.vector.to(H.device, H.dtype) if self.vector is not None else None
         res = lanczos_top_eigs(H, 1, TRACK_TOL, TRACK_MAX_ITER, v0=v0, seed=step)
         self.vector = res.eigenvectors[:, 0].detach().cpu().clone()

@@ -135,9 +135,9 @@ def test_validation_split_is_disjoint_from_the_training_samples_used(tmp_path: P
     real = loop._Closure
 
     class Recording(real):  # type: ignore[misc, valid-type]
-        def __init__(self, par, x, y, spec) -> None:  # noqa: ANN001
-            seen.append(x.clone())
-            super().__init__(par, x, y, spec)
+        def __init__(self, par, batch, spec, *rest) -> None:  # noqa: ANN001, ANN002
+            seen.append(batch[0].clone())
+            super().__init__(par, batch, spec, *rest)
 
     monkeypatch.setattr(loop, "_Closure", Recording)
     res = train(_cfg(epochs=2, val_split=40, seed=3), tmp_path / "run")

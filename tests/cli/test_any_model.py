@@ -213,15 +213,6 @@ def test_checkpoint_records_user_code_and_refuses_when_it_is_gone(user_dir: Path
     assert main(["hessian", "run", *moved, "--top-k", "1", "--quiet", "--out", "h2.json"]) == 0
 
 
-def _trainer_takes_loss() -> bool:
-    import dataclasses
-
-    from flatness.training import TrainConfig
-
-    return "loss" in {f.name for f in dataclasses.fields(TrainConfig)}
-
-
-@pytest.mark.xfail(not _trainer_takes_loss(), reason="the trainer does not take --loss yet (TrainConfig.loss)", strict=True)
 def test_train_with_own_model_data_and_loss(user_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """flatness train --model/--data/--loss on the user's module; the run records them and hessian rebuilds all three."""
     res = run_cli("train", *USER, "--loss", "mymod.py:loss", "--epochs", "1", "--batch-size", "16", "--quiet", "--out", "run",

@@ -248,3 +248,12 @@ def test_tracked_curvature_survives_resume_exactly(tmp_path: Path) -> None:
     plain = train(_cfg(epochs=3, batch_size=64, save_every=3), tmp_path / "plain")
     sa, sb = read_checkpoint_file(full.final)["state_dict"], read_checkpoint_file(plain.final)["state_dict"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)  # measuring does not change the training path
+
+
+def test_tracked_trace_is_recorded(tmp_path: Path) -> None:
+    import math
+
+    train(_cfg(epochs=1, batch_size=64, track_curvature=2, track_trace=True, track_samples=64), tmp_path / "run")
+    rows = _curv_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(math.isfinite(r["trace"]) and r["trace"] > 0 for r in rows)  # cross-entropy at init: positive curvature

@@ -226,6 +226,16 @@ def test_train_with_own_model_data_and_loss(user_dir: Path, monkeypatch: pytest.
     state = {k: v for k, v in torch.load(user_dir / "run" / "final.pt", weights_only=True)["state_dict"].items()}
     assert result["loss_name"] == "mymod.py:loss"
     np.testing.assert_allclose(result["loss"], _dense(state, loss="squared")[0], rtol=1e-12)
+    # the trainer evaluated the user's loss (not cross-entropy) and reports no accuracy for it
+    row = json.loads((user_dir / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "test_acc" not in row and "train_acc" not in row
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 5, generator=g), torch.randint(0, 3, (60,), generator=g)
+    net = _reference_net()
+    net.load_state_dict({k.replace("fc1", "0").replace("fc2", "2"): v for k, v in state.items()})
+    with torch.no_grad():
+        test_loss = 0.5 * ((net(x[40:]) - nn.functional.one_hot(y[40:], 3).float()) ** 2).sum(1).mean()
+    np.testing.assert_allclose(row["test_loss"], float(test_loss), rtol=1e-5)
 
 
 EXAMPLE = REPO / "examples" / "own_model.py"

@@ -263,3 +263,16 @@ def test_train_own_model_then_analyse_the_run(tmp_path: Path) -> None:
     assert main(["hessian", str(tmp_path / "run"), "--top-k", "1", "--samples", "128", "--quiet", "--out", str(tmp_path / "h.json")]) == 0
     result = json.loads((tmp_path / "h.json").read_text())
     assert result["model"] == f"{EXAMPLE}:cnn" and result["dataset"] == f"{EXAMPLE}:images" and result["top_eigenvalues"][0] > 0
+
+
+def test_train_own_transformer_with_lm_loss(tmp_path: Path) -> None:
+    """The example's transformer block on token batches (1-tuples) with its next-token loss, through train and hessian."""
+    spec = [f"--model={EXAMPLE}:transformer", f"--data={EXAMPLE}:tokens", f"--loss={EXAMPLE}:lm_loss", "--model-kwargs", '{"dim": 8, "heads": 2}']
+    res = run_cli("train", *spec, "--data-kwargs", '{"n_train": 64}', "--epochs", "1", "--batch-size", "32", "--quiet",
+                  "--out", str(tmp_path / "run"), env=ONE_THREAD)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["loss"] == f"{EXAMPLE}:lm_loss" and config["data_kwargs"] == {"n_train": 64}
+    assert main(["hessian", str(tmp_path / "run"), "--top-k", "1", "--quiet", "--out", str(tmp_path / "h.json")]) == 0
+    result = json.loads((tmp_path / "h.json").read_text())
+    assert result["samples"] == 64 and result["loss_name"] == f"{EXAMPLE}:lm_loss" and result["top_eigenvalues"][0] > 0

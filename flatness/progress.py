@@ -2,10 +2,12 @@
 
 In a terminal, :func:`progress` is a tqdm bar. When stderr is not a terminal
 (CI, ``nohup``, a notebook, ``2> log``) a bar would print nothing useful, so
-each stage logs one plain line when it starts, one every
-:data:`PLAIN_INTERVAL` seconds while it runs, and one when it finishes, with
-the elapsed time, through the ``flatness`` logger (the CLI sends that logger
-to stderr; library users see nothing unless they configure logging).
+each stage logs one plain line every :data:`PLAIN_INTERVAL` seconds while it
+runs and one when it finishes, with the elapsed time, through the
+``flatness`` logger (the CLI sends that logger to stderr; library users see
+nothing unless they configure logging). There is no "started" line: a stage
+that fails early leaves only the CLI's one ``error:`` line, and a stage that
+ends in an exception logs no "finished" line.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ class PlainProgress(tqdm):
         self._count = 0
         self._start = self._last = time.monotonic()
         self._done = False
-        LOG.info("%s: started", self._label)
 
     def __iter__(self) -> Iterator[Any]:
         for obj in super().__iter__():
@@ -48,11 +49,16 @@ class PlainProgress(tqdm):
         now = time.monotonic()
         if now - self._last >= PLAIN_INTERVAL:
             self._last = now
-            LOG.info("%s: %s after %.0f s", self._label, self._position(), now - self._start)
+            LOG.info("%s: running, %s after %.0f s", self._label, self._position(), now - self._start)
         return None
 
     def _position(self) -> str:
         return f"{self._count}/{self._total} {self._unit}" if self._total else f"{self._count} {self._unit}"
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self._done = True  # failed: the CLI reports the error; no "finished" line
+        super().__exit__(exc_type, exc, tb)
 
     def close(self) -> None:
         if not self._done:

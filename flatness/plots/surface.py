@@ -136,6 +136,8 @@ def surface_figure(
     if kind == "line":
         if vmax is not None:
             raise FlatnessError("--vmax applies to 2-D kinds (contour, filled, heatmap, 3d), not to --kind line")
+        if key is not None:
+            raise FlatnessError(f"--key applies to 2-D kinds; a 1-D line plot draws every value it holds ({', '.join(surface.values)})")
         return _plot_line(surface, log=log, title=title)
     key = key or surface.default_key()
     if vmax is not None:

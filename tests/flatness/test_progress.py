@@ -15,13 +15,23 @@ def lines(caplog):
     return lambda: [r.getMessage() for r in caplog.records if r.name == "flatness"]
 
 
-def test_piped_iteration_logs_start_and_finish(monkeypatch, lines):
+def test_piped_iteration_logs_finish(monkeypatch, lines):
     monkeypatch.setattr(prog.sys.stderr, "isatty", lambda: False, raising=False)
     out = list(prog.progress(range(5), desc="epoch 1/3"))
     assert out == [0, 1, 2, 3, 4]
     got = lines()
-    assert got[0] == "epoch 1/3: started"
-    assert got[-1].startswith("epoch 1/3: finished (5/5 steps) in ") and len(got) == 2
+    assert len(got) == 1 and got[0].startswith("epoch 1/3: finished (5/5 steps) in ")
+
+
+def test_a_failing_stage_logs_nothing(monkeypatch, lines):
+    monkeypatch.setattr(prog.sys.stderr, "isatty", lambda: False, raising=False)
+    try:
+        with prog.progress(total=3, desc="hessian") as bar:
+            bar.update(1)
+            raise ValueError("boom")
+    except ValueError:
+        pass
+    assert lines() == []
 
 
 def test_piped_manual_updates_log_periodically(monkeypatch, lines):
@@ -31,8 +41,8 @@ def test_piped_manual_updates_log_periodically(monkeypatch, lines):
         for _ in range(3):
             bar.update(1)
     got = lines()
-    assert got[0] == "surface: started"
-    assert "surface: 1/3 pt after" in got[1] and got[-1].startswith("surface: finished (3/3 pt)")
+    assert got[0].startswith("surface: running, 1/3 pt after")
+    assert len(got) == 4 and got[-1].startswith("surface: finished (3/3 pt)")
 
 
 def test_quiet_is_silent(monkeypatch, lines):

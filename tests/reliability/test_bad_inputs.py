@@ -49,11 +49,11 @@ ROWS = [
     row("train-negative-sigma", TRAIN + ["--method", "rwp", "--sigma", "-0.1", "--out", "new"], r"--sigma must be >= 0, got -0\.1"),
     row("train-lam-above-1", TRAIN + ["--method", "m-arwp", "--lam", "1.5", "--out", "new"], r"--lam must be in \[0, 1\], got 1\.5"),
     row("train-beta-1", TRAIN + ["--method", "arwp", "--beta", "1", "--out", "new"], r"--beta must be in \[0, 1\), got 1\.0"),
-    row("train-rho-0", TRAIN + ["--method", "sam", "--rho", "0", "--out", "new"], r"--rho must be positive, got 0\.0"),
+    row("train-rho-0", TRAIN + ["--method", "sam", "--rho", "0", "--out", "new"], r"--rho must be (a finite )?positive( number)?, got 0\.0"),
     row("train-unknown-method", TRAIN + ["--method", "adam", "--out", "new"], r"unknown method 'adam'; expected one of .*m-arwp"),
     row("train-unknown-device", TRAIN + ["--device", "tpu", "--out", "new"], r"unknown device 'tpu'"),
     row("train-unknown-model", TRAIN + ["--model", "resnet99", "--out", "new"], r"unknown model 'resnet99'"),
-    row("train-batch-size-0", TRAIN + ["--batch-size", "0", "--out", "new"], r"--batch-size: expected a positive integer, got 0"),
+    row("train-batch-size-0", TRAIN + ["--batch-size", "0", "--out", "new"], r"--batch-size(:| must be a) (expected a )?positive integer, got 0"),
     row("train-lr-nan", TRAIN + ["--lr", "nan", "--out", "new"], r"--lr must be a finite number, got nan"),
     row("train-lr-overflow", TRAIN + ["--lr", "1e300", "--out", "new"], r"--lr must be positive and at most .*got 1e\+300"),
     row("train-sigma-inc-for-sgd", TRAIN + ["--sigma-inc", "1", "--out", "new"], r"--sigma-inc is for the RWP family, not 'sgd'"),
@@ -91,7 +91,7 @@ ROWS = [
     row("hessian-truncated-checkpoint", HESSIAN + ["truncated.pt", "--out", "h.json"], r"truncated\.pt cannot be read: it is truncated"),
     row("hessian-h5-as-checkpoint", HESSIAN + ["surface.h5", "--out", "h.json"], r"surface\.h5 is not a PyTorch checkpoint \(it looks like an HDF5 file"),
     row("hessian-empty-checkpoint", HESSIAN + ["empty.pt", "--out", "h.json"], r"checkpoint empty\.pt is empty"),
-    row("hessian-folder-as-checkpoint", HESSIAN + ["empty_folder", "--out", "h.json"], r"checkpoint empty_folder is not a file"),
+    row("hessian-folder-as-checkpoint", HESSIAN + ["empty_folder", "--out", "h.json"], r"empty_folder has no final\.pt"),
     row("hessian-model-mismatch", HESSIAN + ["cnn1d.pt", "--model", "resnet18", "--out", "h.json"], r"holds model 'cnn1d', but --model is 'resnet18'"),
     row("hessian-state-dict-other-model", HESSIAN + ["plain.pt", "--model", "mlp", "--data", "synthetic", "--out", "h.json"],
         r"plain\.pt does not fit model 'mlp'"),
@@ -116,22 +116,109 @@ ROWS = [
     row("compare-truncated-checkpoint", COMPARE + ["cnn1d.pt", "truncated.pt", "--out", "rep"], r"truncated\.pt cannot be read: it is truncated"),
     row("compare-other-networks", COMPARE + ["cnn1d.pt", "mlp.pt", "--out", "rep"], r"mlp\.pt holds another network than cnn1d\.pt"),
     row("compare-existing-report", COMPARE + ["cnn1d.pt", "--out", "report"], r"report already holds a report; pass --force"),
-    row("compare-rho-0", COMPARE + ["cnn1d.pt", "--rho", "0", "--out", "rep"], r"--rho must be positive, got 0\.0"),
+    row("compare-rho-0", COMPARE + ["cnn1d.pt", "--rho", "0", "--out", "rep"], r"--rho must be (a finite )?positive( number)?, got 0\.0"),
     # --- demo --------------------------------------------------------------------------------
     row("demo-existing-out", ["demo", "--out", "run", "--device", "cpu", "--quiet"], r"demo folder run already exists; pass --force"),
     row("demo-out-is-file", ["demo", "--out", "cnn1d.pt", "--device", "cpu", "--quiet"], r"--out cnn1d\.pt exists and is not a folder"),
+    # --- issue 14: cases a new user hit ------------------------------------------------------
+    row("train-seed-overflow", TRAIN + ["--seed", "100000000000000000000", "--out", "new"], r"--seed"),
+    row("train-seed-float", TRAIN + ["--seed", "1e20", "--out", "new"], r"--seed"),
+    row("train-seed-negative", TRAIN + ["--seed", "-1", "--out", "new"], r"--seed"),
+    row("train-resume-fewer-epochs", TRAIN[:5] + ["--epochs", "1", "--device", "cpu", "--quiet", "--out", "run3", "--resume"],
+        r"(?i)epoch"),
+    row("train-resume-missing-dir", TRAIN + ["--out", "no_such_run", "--resume"], r"no_such_run"),
+    row("hessian-other-data", HESSIAN + ["cnn1d_mnist1d.pt", "--data", "synthetic", "--out", "h.json"], r"--allow-other-data"),
+    row("hessian-top-k-all-params", HESSIAN[:-2] + ["cnn1d.pt", "--top-k", "100000000", "--out", "h.json"], r"--top-k"),
+    row("hessian-max-iter-too-small", HESSIAN[:-2] + ["cnn1d.pt", "--top-k", "5", "--max-iter", "2", "--out", "newdir/h.json"], r"--max-iter"),
+    row("hessian-fail-leaves-no-dir", HESSIAN + ["missing.pt", "--out", "newdir/sub/h.json"], r"missing\.pt"),
+    row("surface-x-inf", SURFACE + ["cnn1d.pt", "--x=-inf:1:3", "--out", "s.h5"], r"--x"),
+    row("surface-x-nan", SURFACE + ["cnn1d.pt", "--x=nan:1:3", "--out", "s.h5"], r"--x"),
+    row("surface-interp-to-itself", SURFACE + ["cnn1d.pt", "--directions", "interp", "--to", "cnn1d.pt", *X, "--out", "s.h5"],
+        r"--allow-degenerate"),
+    row("surface-interp-to-a-copy", SURFACE + ["cnn1d.pt", "--directions", "interp", "--to", "cnn1d_copy.pt", *X, "--out", "s.h5"],
+        r"--allow-degenerate"),
+    row("surface-plane-same-twice", SURFACE + ["cnn1d.pt", "--dim", "2", "--directions", "interp", "--to", "cnn1d_b.pt", "--to", "cnn1d_b.pt",
+                                               *X, "--y=-1:1:3", "--out", "s.h5"], r"--allow-degenerate"),
+    row("plot-vmax-negative", ["plot", "surface.h5", "--vmax", "-1", "--out", "f.png"], r"--vmax"),
+    row("plot-vmax-nan", ["plot", "surface.h5", "--vmax", "nan", "--out", "f.png"], r"--vmax"),
+    row("plot-fail-leaves-no-dir", ["plot", "foreign.h5", "--out", "figs/new/f.png"], r"foreign\.h5"),
+    row("compare-radii-nan", COMPARE + ["cnn1d.pt", "--radii", "nan", "--out", "rep"], r"--radii"),
+    row("compare-radii-inf", COMPARE + ["cnn1d.pt", "--radii", "0.1,inf", "--out", "rep"], r"--radii"),
+    row("compare-radii-negative", COMPARE + ["cnn1d.pt", "--radii=-0.1", "--out", "rep"], r"--radii"),
+    row("compare-same-checkpoint-twice", COMPARE + ["cnn1d.pt", "cnn1d.pt", "--out", "rep"], r"cnn1d\.pt"),
+    row("demo-odd-budget", ["demo", "--out", "d", "--budget-epochs", "1", "--device", "cpu", "--quiet"], r"--budget-epochs"),
+    # --- more of each command's values ---------------------------------------------------------
+    row("train-epochs-0", TRAIN[:5] + ["--epochs", "0", "--device", "cpu", "--out", "new"], r"--epochs"),
+    row("train-epochs-negative", TRAIN[:5] + ["--epochs=-3", "--device", "cpu", "--out", "new"], r"--epochs"),
+    row("train-lr-negative", TRAIN + ["--lr=-0.1", "--out", "new"], r"--lr"),
+    row("train-weight-decay-negative", TRAIN + ["--weight-decay=-1", "--out", "new"], r"--weight-decay"),
+    row("train-momentum-above-1", TRAIN + ["--momentum", "1.5", "--out", "new"], r"--momentum"),
+    row("train-sigma-nan", TRAIN + ["--method", "rwp", "--sigma", "nan", "--out", "new"], r"--sigma"),
+    row("train-eta-negative", TRAIN + ["--method", "arwp", "--eta=-1", "--out", "new"], r"--eta"),
+    row("train-temperature-0", TRAIN + ["--method", "delta-sam", "--temperature", "0", "--out", "new"], r"--temperature"),
+    row("train-save-every-negative", TRAIN + ["--save-every=-1", "--out", "new"], r"--save-every"),
+    row("train-cutout-negative", TRAIN + ["--cutout=-2", "--out", "new"], r"--cutout"),
+    row("train-batch-size-text", TRAIN + ["--batch-size", "many", "--out", "new"], r"--batch-size"),
+    row("train-model-kwargs-not-json", TRAIN + ["--model-kwargs", "{hidden: 3", "--out", "new"], r"--model-kwargs"),
+    row("train-model-kwargs-list", TRAIN + ["--model-kwargs", "[1, 2]", "--out", "new"], r"--model-kwargs"),
+    row("train-unknown-data", TRAIN + ["--data", "imagenet", "--out", "new"], r"imagenet"),
+    row("train-data-dir-missing", TRAIN + ["--data", "cifar10", "--model", "resnet18", "--data-dir", "nowhere", "--out", "new"], r"nowhere"),
+    row("train-mix-batches-unknown", TRAIN + ["--method", "m-arwp", "--mix-batches", "random", "--out", "new"], r"--mix-batches"),
+    row("train-out-is-file", TRAIN + ["--out", "notes.pt"], r"notes\.pt"),
+    row("train-user-model-missing-file", TRAIN + ["--model", "nowhere.py:build", "--out", "new"], r"nowhere\.py"),
+    row("train-user-model-missing-name", TRAIN + ["--model", "usermod.py:no_such_builder", "--out", "new"], r"no_such_builder"),
+    row("train-user-model-not-importable", TRAIN + ["--model", "no_such_package.models:build", "--out", "new"], r"no_such_package"),
+    row("surface-dim-3", SURFACE + ["cnn1d.pt", "--dim", "3", *X, "--out", "s.h5"], r"--dim"),
+    row("surface-unknown-directions", SURFACE + ["cnn1d.pt", "--directions", "random", *X, "--out", "s.h5"], r"--directions"),
+    row("surface-unknown-ignore", SURFACE + ["cnn1d.pt", "--ignore", "bn", *X, "--out", "s.h5"], r"--ignore"),
+    row("surface-interp-missing-to", SURFACE + ["cnn1d.pt", "--directions", "interp", "--to", "missing.pt", *X, "--out", "s.h5"], r"missing\.pt"),
+    row("surface-batch-size-0", SURFACE + ["cnn1d.pt", *X, "--batch-size", "0", "--out", "s.h5"], r"--batch-size"),
+    row("surface-chunk-size-0", SURFACE + ["cnn1d.pt", *X, "--chunk-size", "0", "--out", "s.h5"], r"--chunk-size"),
+    row("surface-grid-fractional-n", SURFACE + ["cnn1d.pt", "--x=-1:1:2.5", "--out", "s.h5"], r"--x"),
+    row("surface-unknown-split", SURFACE + ["cnn1d.pt", *X, "--split", "val", "--out", "s.h5"], r"--split"),
+    row("surface-out-is-folder", SURFACE + ["cnn1d.pt", *X, "--out", "empty_folder"], r"empty_folder"),
+    row("hessian-unknown-backend", HESSIAN + ["cnn1d.pt", "--backend", "magic", "--out", "h.json"], r"--backend"),
+    row("hessian-unknown-dtype", HESSIAN + ["cnn1d.pt", "--dtype", "float16", "--out", "h.json"], r"--dtype"),
+    row("hessian-samples-negative", HESSIAN + ["cnn1d.pt", "--samples=-5", "--out", "h.json"], r"--samples"),
+    row("hessian-max-iter-0", HESSIAN + ["cnn1d.pt", "--max-iter", "0", "--out", "h.json"], r"--max-iter"),
+    row("hessian-trace-matvecs-0", HESSIAN + ["cnn1d.pt", "--trace", "--trace-matvecs", "0", "--out", "h.json"], r"--trace-matvecs"),
+    row("hessian-density-steps-0", HESSIAN + ["cnn1d.pt", "--density", "--density-steps", "0", "--out", "h.json"], r"--density-steps"),
+    row("hessian-unknown-loss", HESSIAN + ["cnn1d.pt", "--loss", "hinge", "--out", "h.json"], r"hinge"),
+    row("hessian-user-model-missing", HESSIAN + ["plain.pt", "--model", "nowhere.py:build", "--data", "synthetic", "--out", "h.json"], r"nowhere\.py"),
+    row("hessian-out-is-folder", HESSIAN + ["cnn1d.pt", "--out", "empty_folder"], r"empty_folder"),
+    row("plot-unknown-kind", ["plot", "surface.h5", "--kind", "pie", "--out", "f.png"], r"--kind"),
+    row("plot-key-on-1d", ["plot", "surface.h5", "--key", "val_loss", "--out", "f.png"], r"--key applies to 2-D kinds"),
+    row("plot-out-unknown-format", ["plot", "surface.h5", "--out", "f.xyz"], r"f\.xyz|xyz"),
+    row("plot-folder-as-input", ["plot", "empty_folder", "--out", "f.png"], r"empty_folder"),
+    row("compare-draws-0", COMPARE + ["cnn1d.pt", "--draws", "0", "--out", "rep"], r"--draws"),
+    row("compare-samples-0", COMPARE[:-4] + ["--surface", "none", "cnn1d.pt", "--samples", "0", "--out", "rep"], r"--samples"),
+    row("compare-top-k-0", COMPARE + ["cnn1d.pt", "--top-k", "0", "--out", "rep"], r"--top-k"),
+    row("compare-radii-text", COMPARE + ["cnn1d.pt", "--radii", "small", "--out", "rep"], r"--radii"),
+    row("compare-unknown-surface", COMPARE[:-2] + ["cnn1d.pt", "--surface", "3d", "--out", "rep"], r"--surface"),
+    row("compare-out-is-file", COMPARE + ["cnn1d.pt", "--out", "notes.pt"], r"notes\.pt"),
+    row("compare-folder-without-checkpoint", COMPARE + ["empty_folder", "--out", "rep"], r"empty_folder"),
+    row("demo-budget-0", ["demo", "--out", "d", "--budget-epochs", "0", "--device", "cpu", "--quiet"], r"--budget-epochs"),
+    row("demo-samples-0", ["demo", "--out", "d", "--samples", "0", "--device", "cpu", "--quiet"], r"--samples"),
+    row("demo-unknown-device", ["demo", "--out", "d", "--device", "tpu", "--quiet"], r"tpu"),
+    row("no-command", ["frobnicate"], r"frobnicate|invalid choice"),
 ]
 
 
-def _save(path: Path, model: str) -> None:
+def _save(path: Path, model: str, dataset: str = "synthetic", seed: int = 0) -> None:
     from flatness.checkpoint import save_checkpoint
     from flatness.models import build_model
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     kw = {"in_features": 40, "num_classes": 10}
     net = build_model(model, **kw)
-    save_checkpoint(path, {"model": model, "model_kwargs": kw, "dataset": "synthetic", "config": {"model": model, "data": "synthetic"},
+    save_checkpoint(path, {"model": model, "model_kwargs": kw, "dataset": dataset, "config": {"model": model, "data": dataset},
                            "state_dict": net.state_dict(), "metrics": [], "epoch": 0, "step": 0})
+
+
+def _cli_ok(root: Path, *argv: str) -> None:
+    """Make an input with the real command (so the inputs do not depend on library signatures)."""
+    r = run_cli(*argv, cwd=root, timeout=300)
+    assert r.returncode == 0, f"building inputs: flatness {' '.join(argv)} failed:\n{r.stderr[-2000:]}"
 
 
 def _build_inputs(root: Path) -> None:
@@ -139,9 +226,7 @@ def _build_inputs(root: Path) -> None:
     import h5py
     import numpy as np
 
-    from flatness.landscape import surface_from_checkpoint
     from flatness.models import build_model
-    from flatness.training import TrainConfig, train
 
     _save(root / "cnn1d.pt", "cnn1d")
     _save(root / "mlp.pt", "mlp")
@@ -155,7 +240,7 @@ def _build_inputs(root: Path) -> None:
     (root / "figure.png").write_bytes(b"\x89PNG\r\n\x1a\n an existing figure")
     (root / "empty_folder").mkdir()
 
-    surface_from_checkpoint(root / "cnn1d.pt", out=root / "surface.h5", x="-1:1:3", device="cpu", quiet=True)
+    _cli_ok(root, "surface", "cnn1d.pt", "--x=-1:1:3", "--out", "surface.h5", "--device", "cpu", "--quiet")
     (root / "truncated.h5").write_bytes((root / "surface.h5").read_bytes()[:1000])
     with h5py.File(root / "foreign.h5", "w") as f:
         f["images"] = np.zeros((4, 8, 8))
@@ -163,8 +248,12 @@ def _build_inputs(root: Path) -> None:
         f["xcoordinates"] = np.linspace(-1, 1, 5)
         f["train_loss"] = np.zeros(7)
 
-    config = TrainConfig(model="mlp", data="synthetic", epochs=1, batch_size=64, keep_epochs=False)
-    train(config, root / "run", device="cpu")
+    _cli_ok(root, *TRAIN[:5], "--epochs", "1", "--batch-size", "64", "--no-epoch-checkpoints", "--device", "cpu", "--quiet", "--out", "run")
+    _cli_ok(root, *TRAIN[:5], "--epochs", "3", "--batch-size", "64", "--no-epoch-checkpoints", "--device", "cpu", "--quiet", "--out", "run3")
+    _save(root / "cnn1d_mnist1d.pt", "cnn1d", dataset="mnist1d")
+    shutil.copy(root / "cnn1d.pt", root / "cnn1d_copy.pt")
+    _save(root / "cnn1d_b.pt", "cnn1d", seed=1)
+    (root / "usermod.py").write_text("import torch\n\ndef build(**kw):\n    return torch.nn.Linear(40, 10)\n")
     shutil.copytree(root / "run", root / "run_truncated")
     (root / "run_truncated" / "final.pt").unlink()
     last = root / "run_truncated" / "checkpoints" / "last.pt"
@@ -258,5 +347,5 @@ def test_bad_invocation(argv: list[str], pattern: str, request: pytest.FixtureRe
 
 def test_table_is_big_enough() -> None:
     commands = {p.values[0][0] for p in ROWS}
-    assert len(ROWS) >= 30
+    assert len(ROWS) >= 100
     assert {"train", "surface", "hessian", "plot", "compare"} <= commands

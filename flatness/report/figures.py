@@ -139,7 +139,7 @@ def surface_figure(entries: list[dict], out: Path) -> Path | None:
 def _surface_panels(plt: Any, have: list[dict], out: Path) -> Path:
     """2D surfaces, one panel each, one shared colour scale (log10 loss) and one colour bar."""
     n = len(have)
-    cols = min(n, 3)
+    cols = n if n <= 3 else math.ceil(math.sqrt(n))  # 4 -> 2 x 2, 5-9 -> 3 columns
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols + 1.2, 3.7 * rows), squeeze=False, constrained_layout=True)
     logs = [np.log10(np.maximum(np.asarray(e["surface"]["loss"]), 1e-8)) for e in have]

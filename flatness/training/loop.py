@@ -403,7 +403,7 @@ def _read_resume_checkpoint(s: _Session) -> dict[str, Any]:
     if isinstance(ckpt.get("config"), dict):
         check_resume_config(ckpt["config"], _config_record(s), s.run.root, what=f"those {last} was written with")
     if int(ckpt["step"]) > c.epochs * s.batches_per_epoch or int(ckpt["epoch"]) > c.data_epochs:
-        done = ckpt.get("config", {}).get("epochs", "more")
+        done = (ckpt.get("config") or {}).get("epochs", "more")
         raise FlatnessError(
             f"--resume: the run in {s.run.root} has already trained {done} epochs ({int(ckpt['step'])} updates); "
             f"--epochs {c.epochs} is fewer: pass --epochs {done} or more, or start a new run with another --out"

@@ -352,10 +352,8 @@ def compare(
             checkpoints on different datasets, an unwritable ``out``, or an
             existing report without ``force``.
     """
-    from flatness.progress import progress
     from flatness.report.figures import make_figures
     from flatness.report.render import write_reports
-    from flatness.report.surfaces import surface_for
 
     s = settings or CompareSettings()
     s.validate()
@@ -363,12 +361,7 @@ def compare(
         raise FlatnessError("compare needs at least one checkpoint")
     if labels is not None and len(labels) != len(checkpoints):
         raise FlatnessError(f"{len(labels)} labels for {len(checkpoints)} checkpoints")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FlatnessError(f"--out {out} exists and is not a folder")
-    if (out / "report.json").exists() and not force:
-        raise FlatnessError(f"{out} already holds a report; pass --force to replace it (the cache is kept)")
-    _check_writable(out)
+    out = _check_out(Path(out), force)
     t0 = time.perf_counter()
     paths = [resolve_checkpoint_path(p)[0] for p in checkpoints]
     analyses = [prepare_analysis(p, samples=s.samples, batch_size=s.batch_size, device=device, sources=sources) for p in paths]
@@ -380,6 +373,30 @@ def compare(
     except OSError as e:
         raise FlatnessError(f"cannot create report folder {out}: {e.strerror}") from None
     cache = ArtifactCache(out / "cache", version=CACHE_VERSION)
+    names = labels if labels is not None else [a.checkpoint.config.get("method") or "model" for a in analyses]
+    entries = _measure_all(paths, digests, analyses, names, cache, s, device, quiet)
+    figures = make_figures(entries, s, out)
+    result = CompareResult(out, entries, cache.computed, cache.reused, time.perf_counter() - t0, list(notes or []))
+    write_reports(result, s, figures, dataset=analyses[0].dataset, version=__version__)
+    return result
+
+
+def _check_out(out: Path, force: bool) -> Path:
+    """The report folder: not a file, no report in it unless ``force``, writable."""
+    if out.exists() and not out.is_dir():
+        raise FlatnessError(f"--out {out} exists and is not a folder")
+    if (out / "report.json").exists() and not force:
+        raise FlatnessError(f"{out} already holds a report; pass --force to replace it (the cache is kept)")
+    _check_writable(out)
+    return out
+
+
+def _measure_all(paths: list[Path], digests: list[str], analyses: list[Analysis], names: list[str], cache: ArtifactCache,
+                 s: CompareSettings, device: torch.device | str, quiet: bool) -> list[dict[str, Any]]:
+    """One report entry per checkpoint (cached measures; interpolation and surface per group's first when asked)."""
+    from flatness.progress import progress
+    from flatness.report.surfaces import surface_for
+
     first = analyses[0]
     test_batches = _test_batches(first, s, device)
     core_key, surf_key = _keys(s)
@@ -387,7 +404,6 @@ def compare(
     entries: list[dict[str, Any]] = []
     taken: set[str] = set()
     groups_seen: set[str] = set()
-    names = labels if labels is not None else [a.checkpoint.config.get("method") or "model" for a in analyses]
     for i, (path, digest, a) in enumerate(progress(list(zip(paths, digests, analyses)), quiet=quiet, desc="checkpoints")):
         group = names[i]
         seed = a.checkpoint.config.get("seed")
@@ -403,8 +419,4 @@ def compare(
             entry["surface"] = cache.get_or_compute("surface", (digest, surf_key, _measured_on(a)), lambda a=a: surface_for(a, s, device))
         groups_seen.add(group)
         entries.append(entry)
-
-    figures = make_figures(entries, s, out)
-    result = CompareResult(out, entries, cache.computed, cache.reused, time.perf_counter() - t0, list(notes or []))
-    write_reports(result, s, figures, dataset=first.dataset, version=__version__)
-    return result
+    return entries

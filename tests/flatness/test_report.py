@@ -174,3 +174,35 @@ def test_curvature_during_training_section(tmp_path: Path) -> None:
     assert tracking_summary({**e, "config": {"method": "sam", "lr": 0.1}})["threshold"] is None
     assert tracking_summary({**e, "curvature_track": None}) is None
     assert curvature_track_figure([e], tmp_path).stat().st_size > 5000
+
+
+def test_report_figures_content(monkeypatch, tmp_path: Path) -> None:
+    """Surfaces: one panel per entry, one shared colour scale equal to the data range, labelled axes;
+    sharpness on log-log axes; interpolation marks alpha = 0 and explains an off-zero minimum."""
+    import numpy as np
+
+    from flatness.report import figures
+
+    kept = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name: kept.setdefault(name, fig) and out / name)
+    xs = np.linspace(-1, 1, 5).tolist()
+    grids = [np.exp(np.add.outer(np.square(xs), np.square(xs)) * k) for k in (1.0, 3.0)]
+    entries = [{"label": f"m{k}", "group": f"m{k}", "surface": {"dim": 2, "x": xs, "y": xs, "loss": g.tolist()},
+                "sharpness": {"radii": [0.0, 0.01, 0.1], "loss_increase": [0.0, 0.001 * k, 0.1 * k], "stderr": [0, 0, 0]},
+                "interpolation": {"alpha": [-0.25, 0.0, 0.5, 1.0], "loss": [1.0, 0.5, 2.0, 0.4]}}
+               for k, g in zip((1, 2), grids)]
+    figures.surface_figure(entries, tmp_path)
+    fig = kept["surfaces.png"]
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["m1", "m2"]
+    assert all(ax.get_xlabel() for ax in panels) and panels[0].get_ylabel()
+    cbar = [ax for ax in fig.axes if ax not in panels][0]
+    lo, hi = np.log10(min(g.min() for g in grids)), np.log10(max(g.max() for g in grids))
+    assert cbar.get_ylim() == pytest.approx((lo, hi)) and "shared" in cbar.get_ylabel()
+    figures.sharpness_figure(entries, tmp_path)
+    ax = kept["sharpness.png"].axes[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    figures.interpolation_figure(entries, tmp_path)
+    fig = kept["interpolation.png"]
+    assert any(line.get_xdata()[0] == 0.0 and line.get_linestyle() == "--" for line in fig.axes[0].lines)
+    assert any("off alpha = 0" in t.get_text() for t in fig.texts)

@@ -186,7 +186,7 @@ def test_report_figures_content(monkeypatch, tmp_path: Path) -> None:
     kept = {}
     monkeypatch.setattr(figures, "_save", lambda fig, out, name: kept.setdefault(name, fig) and out / name)
     xs = np.linspace(-1, 1, 5).tolist()
-    grids = [np.exp(np.add.outer(np.square(xs), np.square(xs)) * k) for k in (1.0, 3.0)]
+    grids = [c * np.exp(np.add.outer(np.square(xs), np.square(xs)) * k) for c, k in ((1.0, 1.0), (10.0, 3.0))]
     entries = [{"label": f"m{k}", "group": f"m{k}", "surface": {"dim": 2, "x": xs, "y": xs, "loss": g.tolist()},
                 "sharpness": {"radii": [0.0, 0.01, 0.1], "loss_increase": [0.0, 0.001 * k, 0.1 * k], "stderr": [0, 0, 0]},
                 "interpolation": {"alpha": [-0.25, 0.0, 0.5, 1.0], "loss": [1.0, 0.5, 2.0, 0.4]}}

@@ -33,7 +33,7 @@ MEASURE_NOTES = [
 # (column title, entry key, format)
 COLUMNS = [
     ("checkpoint", "label", "{}"),
-    ("method", "method", "{}"),
+    ("method", "method_label", "{}"),
     ("train loss", "train_loss", "{:.4f}"),
     ("train acc %", "train_acc", "{:.2f}"),
     ("test loss", "test_loss", "{:.4f}"),
@@ -75,6 +75,7 @@ pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.85em; 
 
 def _row_values(e: dict[str, Any]) -> dict[str, Any]:
     v = dict(e)
+    v["method_label"] = e.get("group") or e.get("method")
     v["lambda_max"] = e["top_eigenvalues"][0] if e.get("top_eigenvalues") else float("nan")
     inc = e["sharpness"]["loss_increase"]
     v["sharpness_max"] = inc[-1] if inc else float("nan")

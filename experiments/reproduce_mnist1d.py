@@ -142,12 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--figures", default=str(REPO / "figures"))
     p.add_argument("--draft", default=str(REPO / "docs" / "readme_drafts" / "study.md"))
     p.add_argument("--render-only", action="store_true", help="redo table, figures and text from OUT/results.json")
+    p.add_argument("--demo-note", default=None, help="a measured `flatness demo` wall time to state in the text (with --render-only)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.render_only:
         results = json.loads((out / "results.json").read_text())
-        return render(results, out, argparse.Namespace(**{**results["args"], "figures": args.figures, "draft": args.draft}))
+        keep = {"figures": args.figures, "draft": args.draft, "demo_note": args.demo_note}
+        return render(results, out, argparse.Namespace(**{**results["args"], **keep}))
     from flatness.data import load_dataset
 
     load_dataset("mnist1d")  # generate / warm the cache once, before the workers start
@@ -326,6 +328,10 @@ def study_text(results: dict, table: str, args: argparse.Namespace) -> str:
                        + ("it stays below the edge of stability here rather than hovering at it." if peak < 0.9 * 20
                           else "it reaches the edge of stability."))
     out += ["", "The RWP / m-RWP sigma sweep (figures/reproduce/sigma_sweep.*) is from the earlier protocol and was not rerun."]
+    grids = "; ".join(f"{n} {METHODS[n][3]} {{{', '.join(map(str, METHODS[n][4]))}}}" for n in args.methods if len(METHODS[n][4]) > 1)
+    out += ["", f"Grids (first value: the published recipe, kept on ties): {grids}."]
+    if getattr(args, "demo_note", None):
+        out += ["", f"Demo wall time: {args.demo_note}"]
     out += ["", f"Study wall time: {results['wall_seconds'] / 60:.0f} min with {args.workers} worker processes "
             "(one torch thread each) on a 2-core machine shared with other jobs."]
     return "\n".join(out) + "\n"

@@ -51,3 +51,21 @@ def test_kendall_matches_pair_count() -> None:
 def test_json_safe_leaves_no_bare_nan() -> None:
     text = json.dumps(json_safe({"a": [1.0, float("nan")], "b": {"c": float("inf")}, "d": (2, -math.inf)}), allow_nan=False)
     assert json.loads(text) == {"a": [1.0, None], "b": {"c": None}, "d": [2, None]}
+
+
+def test_study_picks_on_validation_accuracy_with_recipe_on_ties() -> None:
+    """experiments/reproduce_mnist1d.py: the grid value with the best mean VALIDATION accuracy (test accuracy ignored)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "experiments" / "reproduce_mnist1d.py"
+    spec = importlib.util.spec_from_file_location("reproduce_mnist1d", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    rows = [{"model": "cnn1d", "name": "sam", "value": v, "val_acc": a, "test_acc": t}
+            for v, a, t in ((0.05, 90.0, 99.0), (0.05, 91.0, 99.0), (0.02, 92.0, 10.0), (0.02, 90.0, 10.0), (0.1, 89.0, 99.0), (0.1, 93.0, 99.0))]
+    # mean validation: 0.05 -> 90.5, 0.02 -> 91.0, 0.1 -> 91.0; the tie goes to the earlier grid value; test accuracy is ignored
+    assert study.pick(rows, "cnn1d", "sam") == 0.02
+    rows += [{"model": "cnn1d", "name": "sam", "value": 0.05, "val_acc": 92.0, "test_acc": 0.0}]  # 0.05 -> 91.0: the recipe wins the tie
+    assert study.pick(rows, "cnn1d", "sam") == 0.05
+    assert study.pick(rows, "cnn1d", "sgd") is None

@@ -158,8 +158,11 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 def _prepare_out(out: Path, force: bool) -> None:
+    from flatness.report.compare import _check_writable
+
     if out.exists() and not out.is_dir():
         raise FlatnessError(f"--out {out} exists and is not a folder")
+    _check_writable(out)  # before any training: a folder we cannot write would fail only after the runs
     if out.exists() and any(out.iterdir()):
         if not force:
             raise FlatnessError(f"demo folder {out} already exists; pass --force to replace it")

@@ -53,3 +53,11 @@ def test_demo_equal_updates_seeds_and_paired_differences(tmp_path: Path) -> None
     assert len(p["sgd"]["test_acc"]["ci95"]) == 2 and p["sgd"]["test_acc"]["n"] == 3
     assert data["conclusion"] and any("m-arwp vs sgd-2x" in c for c in data["conclusion"])
     assert any("sigma 0.015" in n for n in data["notes"])
+
+
+def test_out_below_a_file_refused_before_training(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("keep")
+    r = run_cli("demo", "--out", str(blocker / "demo"), "--device", "cpu")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not a folder" in r.stderr, r.stderr
+    assert blocker.read_text() == "keep"

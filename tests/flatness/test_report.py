@@ -206,3 +206,23 @@ def test_report_figures_content(monkeypatch, tmp_path: Path) -> None:
     fig = kept["interpolation.png"]
     assert any(line.get_xdata()[0] == 0.0 and line.get_linestyle() == "--" for line in fig.axes[0].lines)
     assert any("off alpha = 0" in t.get_text() for t in fig.texts)
+
+
+def test_read_only_out_is_one_error_before_computing(make_checkpoint, tmp_path: Path, monkeypatch) -> None:
+    """The write probe failing (a read-only folder; root ignores modes, so the probe is made to fail) -> FlatnessError, nothing written."""
+    import tempfile
+
+    import flatness.report.compare as cmp
+
+    a = make_checkpoint("mlp", hidden=8)
+    out = tmp_path / "rep"
+    out.mkdir()
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cmp.tempfile, "mkstemp", read_only)
+    with pytest.raises(FlatnessError, match="cannot write the report into .*Permission denied"):
+        compare([a], out, _settings())
+    monkeypatch.setattr(cmp.tempfile, "mkstemp", tempfile.mkstemp)
+    assert list(out.iterdir()) == []

@@ -210,9 +210,10 @@ def test_report_figures_content(monkeypatch, tmp_path: Path) -> None:
 
 def test_read_only_out_is_one_error_before_computing(make_checkpoint, tmp_path: Path, monkeypatch) -> None:
     """The write probe failing (a read-only folder; root ignores modes, so the probe is made to fail) -> FlatnessError, nothing written."""
+    import importlib
     import tempfile
 
-    import flatness.report.compare as cmp
+    cmp = importlib.import_module("flatness.report.compare")  # the package attribute `compare` is the function
 
     a = make_checkpoint("mlp", hidden=8)
     out = tmp_path / "rep"

@@ -24,7 +24,7 @@ import torch
 from flatness.checkpoint import read_checkpoint_file
 from tests.conftest import REPO, RUN_DIR, run_cli
 
-BASE = ["--model", "mlp", "--data", "mnist1d", "--epochs", "4", "--batch-size", "32", "--save-every", "7", "--quiet", "--device", "cpu"]
+BASE = ["--model", "mlp", "--data", "mnist1d", "--epochs", "4", "--batch-size", "16", "--save-every", "7", "--quiet", "--device", "cpu"]
 METHODS = {
     "sgd": ["--method", "sgd"],
     "sam": ["--method", "sam", "--rho", "0.05"],
@@ -73,7 +73,7 @@ def test_random_kills_then_resume(tmp_path: Path, method: str, kill_log: list) -
             if (attempt == 0 and (run / "config.json").exists()) or (now is not None and now != before):
                 break
             time.sleep(0.005)
-        time.sleep(rng.uniform(0.0, 0.05 if attempt == 0 else 0.3))
+        time.sleep(rng.uniform(0.0, 0.05 if attempt == 0 else 0.15))
         in_progress = (run / "config.json").exists() and not (run / "final.pt").exists()
         proc.send_signal(signal.SIGKILL)
         proc.wait()

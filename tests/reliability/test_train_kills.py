@@ -26,7 +26,7 @@ from tests.conftest import REPO, RUN_DIR, run_cli
 
 BASE = ["--model", "mlp", "--data", "mnist1d", "--epochs", "4", "--batch-size", "16", "--save-every", "7", "--quiet", "--device", "cpu"]
 METHODS = {
-    "sgd": ["--method", "sgd"],
+    "sgd": ["--method", "sgd", "--track-curvature", "40", "--track-samples", "64"],  # tracking survives kills too
     "sam": ["--method", "sam", "--rho", "0.05"],
     # alternate scheme: --epochs 2 is 4 data epochs (the same updates as 2 epochs of SGD)
     "m-arwp": ["--method", "m-arwp", "--sigma", "0.02", "--mix-batches", "alternate", "--sigma-inc", "1", "--epochs", "2"],
@@ -45,7 +45,13 @@ def _tensors_equal(a, b) -> bool:  # noqa: ANN001 - nested checkpoint values
 
 
 def _metrics(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "curvature_fraction")}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _curvature(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k != "curvature_seconds"}
+            for line in (run / "curvature.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -93,6 +99,8 @@ def test_random_kills_then_resume(tmp_path: Path, method: str, kill_log: list) -
     assert _tensors_equal(a["state_dict"], b["state_dict"])
     assert _tensors_equal(a["optimizer"], b["optimizer"])
     assert _metrics(ref) == _metrics(run)
+    if (ref / "curvature.jsonl").exists():  # tracked lambda_max: the same points and values as the uninterrupted run
+        assert _curvature(ref) == _curvature(run) and len(_curvature(ref)) == 25
     assert not list(run.rglob("*.tmp"))
 
 

@@ -221,11 +221,17 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any], root: Pa
     """Refuse to resume a run with settings that change its numbers.
 
     ``what`` names the source of ``saved`` in the message (default: the run in ``root``).
+    A setting that ``saved`` lacks (a run of an older version, before the
+    setting existed) counts as its default; the derived protocol counts are
+    functions of the settings and are not compared.
     """
+    from flatness.training.config import DERIVED_KEYS, TrainConfig
+
+    defaults = TrainConfig().to_dict()
     diffs = [
-        f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+        f"{k}: {saved.get(k, defaults.get(k))!r} -> {current.get(k)!r}"
         for k in sorted(set(saved) | set(current))
-        if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
+        if k not in RESUMABLE_CHANGES and k not in DERIVED_KEYS and saved.get(k, defaults.get(k)) != current.get(k)
     ]
     if diffs:
         raise FlatnessError(f"--resume: settings differ from {what or f'the run in {root}'} ({'; '.join(diffs[:4])})")

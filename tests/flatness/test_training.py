@@ -257,3 +257,22 @@ def test_tracked_trace_is_recorded(tmp_path: Path) -> None:
     rows = _curv_rows(tmp_path / "run")
     assert [r["step"] for r in rows] == [2, 4]
     assert all(math.isfinite(r["trace"]) and r["trace"] > 0 for r in rows)  # cross-entropy at init: positive curvature
+
+
+def test_run_of_an_older_version_resumes(tmp_path: Path) -> None:
+    """config.json / last.pt written before val_split, incstd, track_* existed: missing settings count as defaults."""
+    run = tmp_path / "run"
+
+    class Killed(Exception):
+        pass
+
+    def stop(row: dict) -> None:
+        raise Killed
+
+    with pytest.raises(Killed):
+        train(_cfg(epochs=2), run, on_epoch=stop)
+    new_keys = ("val_split", "incstd", "track_curvature", "track_trace", "track_samples", "updates", "data_epochs", "grad_evals_per_update")
+    old = {k: v for k, v in json.loads((run / "config.json").read_text()).items() if k not in new_keys}
+    (run / "config.json").write_text(json.dumps(old))
+    res = train(TrainConfig.from_dict(old), run, resume=True)
+    assert [r["epoch"] for r in res.metrics] == [1, 2]

@@ -16,11 +16,11 @@ generators, so random perturbations agree too).
   buffer sync; no DDP wrapper.
 
 ``gradient_as_bucket_view=True`` (gradients live in DDP's buckets, no
-extra copy). m-(A)RWP keeps the clean gradient tensor aside while the
-perturbed pass runs; since the optimizer zeroes gradients with
-``set_to_none`` between the passes, that tensor is not overwritten by the
-perturbed pass (tests/cli/test_train_distributed.py checks the m-ARWP
-result against one process with a large sigma). BatchNorm buffers are
+extra copy). m-(A)RWP keeps the clean gradient aside while the perturbed
+pass runs; a bucket view would be overwritten by that pass, so the
+optimizer clones a stashed gradient that is a view into a shared buffer
+(:mod:`flatness.optim`); tests/cli/test_train_distributed.py checks the
+m-ARWP result against one process with a large sigma. BatchNorm buffers are
 broadcast once at construction, not per forward; they are averaged at the
 end of each epoch. With one process every hook is a no-op.
 """

@@ -46,24 +46,12 @@ def _sam(model: nn.Module, c: TrainConfig) -> torch.optim.Optimizer:
     return optim.SAM(model.parameters(), torch.optim.SGD, rho=c.rho, **_common(model, c))
 
 
-def asam_param_groups(model: nn.Module) -> list[dict]:
-    """ASAM's groups as in the official code (Kwon et al. 2021, SamsungLabs/ASAM).
-
-    Weights of two or more dimensions get the adaptive scaling
-    :math:`T_w = |w| + \\eta`; biases and BatchNorm parameters (every 1-D
-    tensor) are perturbed without it (``"adaptive": False``, :math:`T_w = 1`).
-    Empty groups are left out.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    scaled = [p for p in params if p.ndim > 1]
-    plain = [p for p in params if p.ndim <= 1]
-    groups: list[dict] = [{"params": scaled}] if scaled else []
-    return groups + ([{"params": plain, "adaptive": False}] if plain else [])
-
-
 @_checked
 def _asam(model: nn.Module, c: TrainConfig) -> torch.optim.Optimizer:
-    return optim.ASAM(asam_param_groups(model), torch.optim.SGD, rho=c.rho, adaptive_eta=c.adaptive_eta, **_common(model, c))
+    # The official code's grouping (SamsungLabs/ASAM: ``if 'weight' in n``): weights of every layer,
+    # normalisation weights included, get T_w = |w| + eta; biases are perturbed without it.
+    groups = optim.asam_param_groups(model, rule="name")
+    return optim.ASAM(groups, torch.optim.SGD, rho=c.rho, adaptive_eta=c.adaptive_eta, **_common(model, c))
 
 
 @_checked

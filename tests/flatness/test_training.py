@@ -157,15 +157,18 @@ def test_validation_split_is_disjoint_from_the_training_samples_used(tmp_path: P
     assert torch.equal(other, val_idx) and not torch.equal(loop.split_validation(train_x.shape[0], 40, 4)[1], val_idx)
 
 
-def test_asam_leaves_biases_and_bn_unscaled() -> None:
+def test_asam_groups_follow_the_official_code() -> None:
+    """SamsungLabs/ASAM scales every parameter whose name contains 'weight' (BatchNorm weights too), never a bias."""
     from flatness.models import build_model
     from flatness.training.methods import get_method
 
-    model = build_model("cnn1d", in_features=40, num_classes=10)
+    model = build_model("resnet18", num_classes=10)
     opt = get_method("asam").build(model, TrainConfig(method="asam"))
     adaptive = {id(p): g.get("adaptive", True) for g in opt.param_groups for p in g["params"]}
-    for name, p in model.named_parameters():
-        assert adaptive[id(p)] is (p.ndim > 1), name
+    names = dict(model.named_parameters())
+    assert any(n.endswith("weight") and p.ndim == 1 for n, p in names.items()), "the model needs a BatchNorm weight"
+    for name, p in names.items():
+        assert adaptive[id(p)] is ("weight" in name), name
     assert opt.param_groups[0]["rho"] == 0.5  # the official ASAM radius is the default
 
 

@@ -13,6 +13,7 @@ train; ``pip show -f`` must list nothing at the top level of site-packages but
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -39,8 +40,11 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: 
 def fresh_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(python of a new venv with the wheel installed, a working directory full of stray modules)."""
     root = tmp_path_factory.mktemp("onepkg")
+    # Build from a copy without build outputs: setuptools reuses a stale build/ folder.
+    source = root / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", ".venv"))
     wheels = root / "wheels"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(REPO)], cwd=root)
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(source)], cwd=root)
     (wheel,) = wheels.glob("flatness-*.whl")
     env_dir = root / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)

@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = {}
     for name in args.sections:
         _, seconds[name] = timed(sections[name], device)
+        print(f"[{name} done in {seconds[name]:.1f} s]", file=sys.stderr, flush=True)
     total = time.perf_counter() - start
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     head = (f"device: {device_name(device)}\ntorch {torch.__version__}, "

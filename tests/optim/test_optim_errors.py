@@ -69,9 +69,13 @@ def test_invalid_base_optimizer(base, pattern):
 
 def test_boundary_values_are_accepted():
     params = [torch.nn.Parameter(torch.zeros(2))]
-    optim.MARWP(params, SGD, lr=0.1, sigma=0.0, lam=0.0, eta=0.0, beta=0.0)
-    optim.MARWP(params, SGD, lr=0.1, lam=1.0, beta=0.999)
-    optim.ASAM(params, SGD, lr=0.1, adaptive_eta=0.0)
+    low = optim.MARWP(params, SGD, lr=0.1, sigma=0.0, lam=0.0, eta=0.0, beta=0.0)
+    high = optim.MARWP(params, SGD, lr=0.1, lam=1.0, beta=0.999)
+    asam = optim.ASAM(params, SGD, lr=0.1, adaptive_eta=0.0)
+    group = low.param_groups[0]
+    assert (group["sigma"], group["lam"], group["eta"], group["beta"]) == (0.0, 0.0, 0.0, 0.0)
+    assert (high.param_groups[0]["lam"], high.param_groups[0]["beta"]) == (1.0, 0.999)
+    assert asam.param_groups[0]["adaptive_eta"] == 0.0
 
 
 def test_split_roles_needs_even_world_size():

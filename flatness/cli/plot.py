@@ -1,4 +1,4 @@
-"""``flatness plot``: draw a loss surface (.h5) or a Hessian spectral density (.json)."""
+"""``flatness plot``: draw a loss surface (.h5), a Hessian spectral density (.json) or curvature during training (.jsonl)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ EXAMPLES = """\
   flatness plot sgd_2d.h5 --kind 3d --vmax 5 --out sgd_3d.png
   flatness plot pca.h5 --kind contour --trajectory --out pca_traj.png
   flatness plot hessian.json --out density.png             # spectral density (log scale; --no-log: linear)
+  flatness plot runs/sgd/curvature.jsonl --out c.png       # lambda_max during training (--track-curvature), 2/lr for SGD
+  flatness plot runs/sgd --out c.png                       # the same: a run directory holding curvature.jsonl
 
 Surface files written by tomgoldstein/loss-landscape are read too.
 """
@@ -27,8 +29,9 @@ _OWN = "%(default).0s"  # appended to help texts that state their own default
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_command(sub, "plot", "Draw a loss surface (.h5) or a Hessian spectral density (.json).", EXAMPLES)
-    p.add_argument("input", metavar="FILE", help="surface .h5 (from flatness surface or loss-landscape) or hessian .json")
+    p = add_command(sub, "plot", "Draw a loss surface (.h5), a Hessian spectral density (.json) or curvature during training (.jsonl).", EXAMPLES)
+    p.add_argument("input", metavar="FILE", help="surface .h5 (from flatness surface or loss-landscape), hessian .json, "
+                   "or curvature.jsonl (or a run directory holding one)")
     p.add_argument("--kind", choices=("line", "contour", "filled", "heatmap", "3d"), default=None, help="surface plot kind (default: line for 1-D, contour for 2-D)" + _OWN)
     p.add_argument("--key", default=None, help="value drawn on 2-D kinds: train_loss (default), train_acc, test_loss, test_acc" + _OWN)
     p.add_argument("--log", action=argparse.BooleanOptionalAction, default=None,
@@ -46,7 +49,12 @@ def _is_hdf5(path: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    src = require_file(args.input, "input")
+    src = Path(args.input)
+    if src.is_dir():  # a run directory: its tracked curvature
+        if not (src / "curvature.jsonl").is_file():
+            raise FlatnessError(f"input {src} is a folder without curvature.jsonl; train with --track-curvature N or pass a file")
+        src = src / "curvature.jsonl"
+    src = require_file(src, "input")
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise FlatnessError(f"--out {out} must end in .png, .pdf or .svg")
@@ -67,7 +75,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _draw(src: Path, out: Path, args: argparse.Namespace) -> None:
-    if src.suffix.lower() == ".json":
+    if src.suffix.lower() == ".jsonl":
+        if args.kind is not None or args.trajectory or args.key is not None or args.vmax is not None:
+            raise FlatnessError("--kind, --key, --vmax and --trajectory apply to surface files; curvature.jsonl is drawn as lambda_max against updates")
+        from flatness.plots.curvature import plot_curvature_track
+
+        _make_folder(out.parent)
+        plot_curvature_track(src, out, **({} if args.log is None else {"log": args.log}))
+    elif src.suffix.lower() == ".json":
         try:
             result = json.loads(src.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -93,7 +108,7 @@ def _draw(src: Path, out: Path, args: argparse.Namespace) -> None:
 
         plot_surface(src, out, kind=args.kind, key=args.key, log=bool(args.log), trajectory=args.trajectory, vmax=args.vmax)
     else:
-        raise FlatnessError(f"cannot plot {src}: expected a surface .h5 file or a hessian .json result")
+        raise FlatnessError(f"cannot plot {src}: expected a surface .h5 file or a hessian .json result (or a curvature.jsonl)")
 
 
 def _make_folder(folder: Path) -> None:

@@ -169,28 +169,28 @@ def _surface_panels(plt: Any, have: list[dict], out: Path) -> Path:
 
 
 def curvature_track_figure(entries: list[dict], out: Path) -> Path | None:
-    """lambda_max against updates for every run with curvature.jsonl; 2/lr where the stability threshold applies (SGD)."""
+    """lambda_max against updates for every run with curvature.jsonl; 2/lr where the stability threshold applies (SGD).
+
+    Drawn by :func:`flatness.plots.curvature.curvature_figure` (as ``flatness plot RUN/curvature.jsonl``).
+    """
+    from flatness.plots.curvature import CurvatureTrack, curvature_figure
+
     have = [e for e in entries if e.get("curvature_track")]
     if not have:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for e in have:
-        rows = [r for r in e["curvature_track"] if r.get("lambda_max") is not None]
-        ax.plot([r["step"] for r in rows], [r["lambda_max"] for r in rows], label=e["label"])
-    lrs = sorted({(e.get("config") or {}).get("lr") for e in have if (e.get("config") or {}).get("method") == "sgd"} - {None})
-    for lr in lrs:
-        ax.axhline(2.0 / lr, color="k", ls="--", lw=0.8, label=f"2/lr = {2.0 / lr:.3g} (gradient-descent stability threshold, peak lr)")
-        moms = {(e.get("config") or {}).get("momentum") for e in have if (e.get("config") or {}).get("method") == "sgd"}
-        for beta in sorted(m for m in moms if m):
-            ax.axhline((2 + 2 * beta) / lr, color="k", ls=":", lw=0.8, label=f"(2+2·{beta:g})/lr = {(2 + 2 * beta) / lr:.3g} (momentum)")
-    ax.set_yscale("log")
-    ax.set_xlabel("updates")
-    ax.set_ylabel(r"$\lambda_{max}$ (analysis batch)")
-    ax.set_title("Curvature during training", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    return _save(fig, out, "curvature_training.png")
+    tracks = [CurvatureTrack(e["label"], e["curvature_track"], e.get("config") or {}, _measuring_percent(e)) for e in have]
+    return _save(curvature_figure(tracks), out, "curvature_training.png")
+
+
+def _measuring_percent(e: dict) -> float | None:
+    """% of training time spent measuring: the run's last ``curvature_fraction``, else curvature_seconds / train_seconds."""
+    from flatness.report.render import tracking_summary
+
+    last = (e.get("training_curve") or [{}])[-1]
+    if isinstance(last, dict) and isinstance(last.get("curvature_fraction"), (int, float)):
+        return 100.0 * float(last["curvature_fraction"])
+    summary = tracking_summary(e)
+    return summary["percent"] if summary else None
 
 
 def generalization_figure(entries: list[dict], out: Path) -> Path | None:

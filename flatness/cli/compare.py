@@ -9,6 +9,7 @@ from flatness.cli.common import SOURCES_HELP, add_command, add_common, add_sourc
 EXAMPLES = """\
   flatness compare runs/sgd/final.pt runs/sam/final.pt runs/marwp/final.pt --out report
   flatness compare a.pt b.pt --out report --surface 2d --top-k 3 --radii 0 0.01 0.05 0.1
+  flatness compare a.pt b.pt --out report --per-layer      # + per-layer (block-diagonal) curvature bar chart
   flatness compare a.pt b.pt c.pt --out report --force   # reuses report/cache for a.pt and b.pt
   flatness compare runs/sgd runs/sam --out report          # run directories: their final.pt
   flatness compare a.pt b.pt --model mymod.py:build --data mymod.py:data --out report   # your own code
@@ -30,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=positive_int, default=d.top_k)
     p.add_argument("--trace-matvecs", type=positive_int, default=d.trace_matvecs)
     p.add_argument("--density", action="store_true", help="also the SLQ spectral density")
+    p.add_argument("--per-layer", action="store_true",
+                   help="also the top eigenvalue and trace of each parameter tensor's diagonal Hessian block (a bar chart)")
     p.add_argument("--radii", type=float, nargs="+", default=list(d.radii), help="relative radii of the sharpness curve")
     p.add_argument("--draws", type=positive_int, default=d.draws, help="noise draws per radius")
     p.add_argument("--rho", type=float, default=d.rho, help="adversarial sharpness radius")
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     s = CompareSettings(
         samples=args.samples, batch_size=args.batch_size, surface=args.surface, surface_points=args.surface_points,
-        top_k=args.top_k, trace_matvecs=args.trace_matvecs, density=args.density, radii=tuple(args.radii),
+        top_k=args.top_k, trace_matvecs=args.trace_matvecs, density=args.density, per_layer=args.per_layer, radii=tuple(args.radii),
         draws=args.draws, rho=args.rho, seed=args.seed,
     )
     result = compare(args.checkpoints, args.out, s, device=resolve_device(args.device), force=args.force, quiet=args.quiet,

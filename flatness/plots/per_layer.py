@@ -79,3 +79,46 @@ def plot_per_layer(result: dict[str, Any] | Sequence[Any], out: Path, *, log: bo
     except OSError as e:
         raise FlatnessError(f"cannot write figure {out}: {e.strerror or e}") from None
     return out
+
+
+def per_layer_comparison_figure(results: dict[str, Sequence[Any]], *, log: bool = True) -> Any:
+    """Grouped bars: per layer, one bar per checkpoint (top eigenvalue above, trace below); returns the ``Figure``.
+
+    Args:
+        results: legend label -> that checkpoint's per-layer rows (dicts or
+            :class:`flatness.curvature.LayerCurvature`); every checkpoint has
+            the same blocks (one architecture).
+        log: symmetric-log value axes.
+
+    Raises:
+        FlatnessError: no checkpoints, or checkpoints with different blocks.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not results:
+        raise FlatnessError("no per-layer curvature to draw")
+    table = {label: _rows(rows) for label, rows in results.items()}
+    names = [str(b["name"]) or "(root)" for b in next(iter(table.values()))]
+    if any([str(b["name"]) or "(root)" for b in rows] != names for rows in table.values()):
+        raise FlatnessError("the checkpoints' per-layer blocks differ; per-layer bars need one architecture")
+    fig = Figure(figsize=(max(6.0, 0.35 * len(names) * len(table) + 2.5), 5.5))
+    FigureCanvasAgg(fig)
+    top_ax, trace_ax = fig.subplots(2, 1, sharex=True)
+    width = 0.8 / len(table)
+    for ax, key, label in ((top_ax, "top_eigenvalue", "top eigenvalue"), (trace_ax, "trace", "trace")):
+        values = [float(b[key]) for rows in table.values() for b in rows]
+        for i, (name, rows) in enumerate(table.items()):
+            ax.bar([j + (i - (len(table) - 1) / 2) * width for j in range(len(names))], [float(b[key]) for b in rows], width,
+                   color=f"C{i % 10}", label=name)
+        ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("symlog", linthresh=max(1e-6, 1e-3 * max(abs(v) for v in values)))
+        ax.grid(axis="y", linewidth=0.4, alpha=0.5)
+    trace_ax.set_xticks(range(len(names)))
+    trace_ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    trace_ax.set_xlabel("parameter block")
+    top_ax.set_title("Per-layer Hessian curvature (diagonal blocks)", fontsize=10)
+    top_ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

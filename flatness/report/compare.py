@@ -5,9 +5,11 @@ samples, eval mode): train/test loss and accuracy; top-k Hessian eigenvalues
 (Lanczos) and the trace (Hutch++); the random-perturbation sharpness curve
 and adversarial rho-sharpness (:mod:`flatness.sharpness`); the loss along the
 straight line from the first checkpoint to it; optionally 1D/2D
-filter-normalized surfaces and the spectral density. One Hessian operator per
-checkpoint serves the eigenvalues, the trace and the density (one graph
-cache). Every artifact is cached by checkpoint content hash and settings
+filter-normalized surfaces, the spectral density and (``per_layer``) the
+top eigenvalue and trace of every diagonal Hessian block (one block per
+parameter tensor, :func:`flatness.curvature.per_layer_curvature`). One Hessian
+operator per checkpoint serves the eigenvalues, the trace, the density and
+the blocks (one graph cache). Every artifact is cached by checkpoint content hash and settings
 (:mod:`flatness.report.cache`), so adding one checkpoint to a comparison only
 computes that one, and worker processes can fill the cache in parallel
 (:func:`measure_checkpoint`) before one process writes the report.
@@ -39,7 +41,7 @@ from flatness.version import __version__
 
 SURFACE_KINDS = ("1d", "2d", "none")
 # Bumped whenever a computation changes, so older cache entries are not reused.
-CACHE_VERSION = "3"
+CACHE_VERSION = "4"  # 4: per_layer in the core key
 SURFACE_SCOPES = ("all", "first-per-group")
 
 
@@ -62,6 +64,7 @@ class CompareSettings:
     interp_points: int = 25
     seed: int = 0
     surfaces_for: str = "all"  # "first-per-group": surfaces and interpolation only for each group's first checkpoint
+    per_layer: bool = False  # top eigenvalue and trace of each parameter tensor's diagonal Hessian block
 
     def validate(self) -> None:
         if self.surface not in SURFACE_KINDS:
@@ -169,8 +172,8 @@ def run_cost(config: dict[str, Any], metrics: list[dict[str, Any]] | None) -> di
 
 
 def _curvature(a: Analysis, s: CompareSettings) -> dict[str, Any]:
-    """Top-k eigenvalues, Hutch++ trace and (optionally) the SLQ density from ONE Hessian operator."""
-    from flatness.curvature import HessianOperator, hutchpp_trace, lanczos_top_eigs, slq_density
+    """Top-k eigenvalues, Hutch++ trace and (optionally) the SLQ density and per-layer blocks from ONE Hessian operator."""
+    from flatness.curvature import HessianOperator, hutchpp_trace, lanczos_top_eigs, per_layer_curvature, slq_density
 
     H = HessianOperator(a.model, a.loss_fn, a.batches)
     eig = lanczos_top_eigs(H, s.top_k, s.tol, seed=s.seed)
@@ -186,6 +189,9 @@ def _curvature(a: Analysis, s: CompareSettings) -> dict[str, Any]:
     if s.density:
         d = slq_density(H, 60, 2, num_points=400, seed=s.seed)
         out["density"] = {"grid": d.grid.tolist(), "values": d.density.tolist(), "sigma": d.sigma, "hvp_count": d.hvp_count}
+    if s.per_layer:  # blocks per parameter tensor, on the same operator (its graph cache)
+        blocks = per_layer_curvature(a.model, a.loss_fn, [], tol=s.tol, trace_matvecs=s.trace_matvecs, seed=s.seed, operator=H)
+        out["per_layer"] = [{k: v for k, v in b.to_dict().items() if k != "hvp_count"} for b in blocks]
     out["hvp_count"] = int(H.hvp_count)
     return out
 
@@ -270,7 +276,7 @@ def _check_inputs(paths: list[Path], analyses: list[Analysis]) -> None:
 
 def _keys(s: CompareSettings) -> tuple[str, str]:
     sd = s.to_dict()
-    core = {k: sd[k] for k in ("samples", "top_k", "tol", "trace_matvecs", "radii", "draws", "rho", "seed", "density")}
+    core = {k: sd[k] for k in ("samples", "top_k", "tol", "trace_matvecs", "radii", "draws", "rho", "seed", "density", "per_layer")}
     surf = {k: sd[k] for k in ("samples", "surface", "surface_points", "surface_range", "seed")}
     return json.dumps(core, sort_keys=True), json.dumps(surf, sort_keys=True)
 

@@ -193,6 +193,16 @@ def _measuring_percent(e: dict) -> float | None:
     return summary["percent"] if summary else None
 
 
+def per_layer_figure(entries: list[dict], out: Path) -> Path | None:
+    """Per-layer top eigenvalue and trace as grouped bars, one colour per method (its first checkpoint)."""
+    from flatness.plots.per_layer import per_layer_comparison_figure
+
+    have = [es[0] for es in _groups([e for e in entries if e.get("per_layer")]).values()]
+    if not have:
+        return None
+    return _save(per_layer_comparison_figure({e["label"]: e["per_layer"] for e in have}), out, "per_layer.png")
+
+
 def generalization_figure(entries: list[dict], out: Path) -> Path | None:
     """Each flatness measure against test accuracy across checkpoints, with Kendall's tau (Jiang et al. 2020)."""
     from flatness.report.stats import MEASURES, entry_values, kendall
@@ -246,6 +256,7 @@ def make_figures(entries: list[dict], settings: Any, out: Path) -> dict[str, Pat
         "Loss surfaces": surface_figure(entries, out),
         "Interpolation": interpolation_figure(entries, out) if len(entries) > 1 else None,
         "Spectral density": density_figure(entries, out),
+        "Per-layer curvature": per_layer_figure(entries, out),
         "Training curves": training_figure(entries, out),
         "Curvature during training": curvature_track_figure(entries, out),
         "Flatness vs test accuracy": generalization_figure(entries, out) if len(entries) >= 3 else None,

@@ -106,7 +106,7 @@ def report_json(result: Any, settings: Any, dataset: str, version: str) -> dict[
     keep = ("path", "label", "group", "seed", "method", "config", "sha256", "cost", "train_loss", "train_acc",
             "test_loss", "test_acc", "top_eigenvalues", "eigen_residuals", "eigen_converged", "trace", "trace_stderr",
             "hvp_count", "bn_mode", "sharpness", "adversarial_sharpness", "adversarial_rho", "interpolation", "surface",
-            "density", "curvature_track")
+            "density", "curvature_track", "per_layer")
     stats = group_stats(result.entries)
     return json_safe({
         "version": version,

@@ -61,9 +61,15 @@ def process_group(device: torch.device) -> Iterator[DistInfo]:
     dist_info = init_from_env(device)
     try:
         yield dist_info
-    finally:
+    except BaseException:
         if created and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    if created and dist.is_available() and dist.is_initialized():
+        # Every rank reaches the end before any tears its group down: a rank that left early would
+        # leave a peer's last collective (and the gloo worker thread running it) waiting forever.
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def local_device(device: torch.device) -> torch.device:

@@ -307,12 +307,15 @@ def train(
         with _open_run(out, resume=resume, force=force, info=info) as (run, resuming):
             s.run = run
             state = _build_state(s, resuming)
-            t_start = time.perf_counter()
-            for epoch in range(state.epoch, s.config.data_epochs):
-                _train_epoch(s, state, epoch)
-                _end_epoch(s, state, epoch)
-            _save(s, state, run.final)
-            return TrainResult(run.root, run.final, state.metrics, time.perf_counter() - t_start, info.is_main)
+            try:
+                t_start = time.perf_counter()
+                for epoch in range(state.epoch, s.config.data_epochs):
+                    _train_epoch(s, state, epoch)
+                    _end_epoch(s, state, epoch)
+                _save(s, state, run.final)
+                return TrainResult(run.root, run.final, state.metrics, time.perf_counter() - t_start, info.is_main)
+            finally:
+                state.par.release()  # the DDP reducer goes while its process group is alive
 
 
 def _prepare(config: TrainConfig, spec: MethodSpec, dev: torch.device, info: DistInfo) -> _Session:

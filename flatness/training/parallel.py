@@ -28,6 +28,7 @@ end of each epoch. With one process every hook is a no-op.
 from __future__ import annotations
 
 import contextlib
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +95,16 @@ class TrainParallel:
         if self.ddp is not None and self.per_rank_first_pass and pass_index == 0:
             return self.ddp.no_sync()
         return contextlib.nullcontext()
+
+    def release(self) -> None:
+        """Drop the DDP wrapper (and its reducer, which holds the process group) before the group is destroyed.
+
+        Freed later, after ``destroy_process_group``, the reducer's last reference to the gloo
+        group runs the group's destructor, which joins its worker threads; if a peer has already
+        exited, that join can wait forever.
+        """
+        self.ddp = None
+        gc.collect()
 
     def local_indices(self, idx: Tensor) -> Tensor:
         if not self.info.active:

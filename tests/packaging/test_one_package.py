@@ -50,10 +50,12 @@ def fresh_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
     purelib = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=root).stdout.strip())
+    # Install first: once this environment's site-packages is lent (it may hold an installed flatness
+    # too), pip would call the requirement satisfied and install nothing.
+    _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], cwd=root)
     # Lend the new environment this one's dependencies (appended to sys.path, after its own site-packages).
     ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()}
     (purelib / "zz_flatness_test_deps.pth").write_text("\n".join(sorted(ours)) + "\n")
-    _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], cwd=root)
 
     work = root / "research_repo"
     (work / "optim").mkdir(parents=True)

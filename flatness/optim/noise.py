@@ -150,17 +150,13 @@ def filterwise_noise_(
     """
     if not params:
         return
-    stds = filterwise_std(params, sigma=sigma, fisher=fisher, eta=eta, foreach=foreach)
     if foreach:
         torch._foreach_copy_(list(backups), list(params))
     else:
         for p, b in zip(params, backups):
             b.copy_(p)
-    # Both paths loop here: torch has no _foreach_ random kernel, and no
-    # in-place _foreach_ form of ``p <- b + p * std`` (one fused pass).
-    for p, b, std in zip(params, backups, stds):
-        p.normal_(generator=_generator_for(generator, p.device))
-        torch.addcmul(b, p, std, out=p)
+    # w now lives in the backups: the out-of-place form draws into the parameters (same noise, bitwise).
+    filterwise_noise_into(backups, params, sigma=sigma, fisher=fisher, eta=eta, generator=generator, foreach=foreach)
 
 
 def filterwise_noise_into(

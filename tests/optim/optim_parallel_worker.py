@@ -13,10 +13,11 @@ from flatness import optim
 HYPER = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "sigma": 0.05, "lam": 0.3, "eta": 0.5, "beta": 0.9}
 
 
-def run(rank: int, world_size: int, port: int, out_dir: str, steps: int) -> None:
+def run(rank: int, world_size: int, out_dir: str, steps: int) -> None:
     torch.set_num_threads(1)
+    # Rendezvous through a file in the test's own folder: no port to race other processes for.
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+        "gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank, world_size=world_size
     )
     try:
         net = model(seed=1 if rank == 0 else 2)  # rank 1 starts elsewhere: sync_init must fix it

@@ -54,6 +54,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from hessian import counted_pyhessian  # noqa: E402  (PyHessian with its products counted)
 from optim_overhead import METHODS, Runner  # noqa: E402  (its update() counts host syncs per update)
 
 from flatness.curvature import HessianOperator, lanczos_top_eigs, top_eigenvalues  # noqa: E402
@@ -171,27 +172,13 @@ def hvp_vs_gradient(table: Table, sizes: Sizes, device: torch.device) -> None:
 
 def pyhessian_top(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tol: float, max_iter: int) -> tuple[list[float], int]:
     """PyHessian 0.1 ``eigenvalues(top_n=5)`` with its Hessian-vector products counted (eigenvalues() only)."""
-    import pyhessian as _  # noqa: F401 - registers the submodule
-
-    module = sys.modules["pyhessian.hessian"]
-    count = 0
-    original = module.hessian_vector_product
-
-    def counted(*a: Any, **kw: Any) -> Any:
-        nonlocal count
-        count += 1
-        return original(*a, **kw)
-
-    module.hessian_vector_product = counted
-    try:
+    with counted_pyhessian() as (module, count):
         torch.manual_seed(0)
         with warnings.catch_warnings():  # its backward(create_graph=True) warns about a reference cycle
             warnings.simplefilter("ignore", UserWarning)
             h = module.hessian(model, LOSS, data=(x, y), cuda=x.is_cuda)
         values, _ = h.eigenvalues(maxIter=max_iter, tol=tol, top_n=K)
-    finally:
-        module.hessian_vector_product = original
-    return sorted(values, reverse=True), count
+    return sorted(values, reverse=True), count[0]
 
 
 def top_eigs(table: Table, sizes: Sizes, device: torch.device, args: argparse.Namespace) -> None:

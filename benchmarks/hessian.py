@@ -39,12 +39,13 @@ Then the ratios the issue asks for: ours / eigsh products at the same error
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,30 +130,42 @@ def eigsh(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tol: float) -> tup
     return sorted(values.tolist(), reverse=True), H.hvp_count
 
 
-def pyhessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tol: float) -> tuple[list[float], int]:
-    """PyHessian's eigenvalues() (power iteration with deflation), HVPs counted, in float64."""
+@contextlib.contextmanager
+def counted_pyhessian() -> Iterator[tuple[Any, list[int]]]:
+    """PyHessian 0.1's ``pyhessian.hessian`` module with its Hessian-vector products counted.
+
+    Yields ``(module, count)``; ``count[0]`` is the number of products since entry. Only
+    ``eigenvalues()`` is usable on current torch (``density()`` calls the removed ``torch.eig``).
+    """
     import pyhessian as _  # noqa: F401 - registers the submodule
 
     module = sys.modules["pyhessian.hessian"]
-    count = 0
+    count = [0]
     original = module.hessian_vector_product
 
     def counted(*a: Any, **kw: Any) -> Any:
-        nonlocal count
-        count += 1
+        count[0] += 1
         return original(*a, **kw)
 
     module.hessian_vector_product = counted
+    try:
+        yield module, count
+    finally:
+        module.hessian_vector_product = original
+
+
+def pyhessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tol: float) -> tuple[list[float], int]:
+    """PyHessian's eigenvalues() (power iteration with deflation), HVPs counted, in float64."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # its random start vectors come from torch.randn
     try:
-        torch.manual_seed(0)
-        h = module.hessian(copy.deepcopy(model), LOSS, data=(x, y), cuda=False)
-        values, _ = h.eigenvalues(maxIter=1000, tol=tol, top_n=K)
+        with counted_pyhessian() as (module, count):
+            torch.manual_seed(0)
+            h = module.hessian(copy.deepcopy(model), LOSS, data=(x, y), cuda=False)
+            values, _ = h.eigenvalues(maxIter=1000, tol=tol, top_n=K)
     finally:
-        module.hessian_vector_product = original
         torch.set_default_dtype(default)
-    return sorted(values, reverse=True), count
+    return sorted(values, reverse=True), count[0]
 
 
 def rel_error(values: list[float], true: torch.Tensor) -> float:

@@ -7,6 +7,14 @@ unless overridden; registry name or the user's ``module:fn``) and its loss
 (the checkpoint's unless overridden; ``cross_entropy``, ``mse`` or the user's
 ``loss(model, batch)``), and returns the first ``samples`` of the chosen split
 as device-resident batches, in dataset order and without augmentation.
+
+Splits (issue 21): ``train`` is the samples the run TRAINED on (the training
+split minus the ``--val-split`` hold-out, chosen by the run's seed exactly as
+the trainer chose it), ``val`` the held-out ones, ``test`` the test split.
+Before anything is measured the run's fingerprint is recomputed: user code
+that changed, or data that now gives other samples, is refused unless
+``Sources.allow_changed`` says so (:mod:`flatness.provenance.fingerprint`).
+``Analysis.provenance`` is the block every output carries.
 """
 
 from __future__ import annotations
@@ -20,12 +28,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from flatness.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint_path
-from flatness.data import Dataset, analysis_batches, load_dataset
+from flatness.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint_path, run_dir_of
+from flatness.data import Dataset, Split, analysis_batches, load_dataset
 from flatness.data.base import Batch, map_batch
+from flatness.data.splits import SPLITS, split_validation
 from flatness.errors import FlatnessError
 from flatness.hooks import is_callable_spec
 from flatness.losses import LossFn, ModelLoss, loss_name, resolve_loss
+from flatness.provenance.digest import indices_digest
+from flatness.provenance.fingerprint import code_record, compare_fingerprints, data_record, locate_spec, versions
 
 # Exceptions a user's model, data or loss raises when they do not fit together
 # (shape and dtype mismatches, missing keys); turned into one line naming the pieces.
@@ -53,6 +64,7 @@ class Analysis:
     loss: str = "cross_entropy"
     run_dir: Path | None = None
     data: Dataset | None = None
+    provenance: dict[str, Any] | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -68,7 +80,9 @@ class Sources:
     ``file.py:fn``); ``loss`` is ``cross_entropy``, ``mse`` or a callable spec.
     ``data`` other than the data the checkpoint was trained on is refused
     unless ``allow_other_data`` (``--allow-other-data``): a Hessian or a
-    surface on other data is legal but rarely what was meant.
+    surface on other data is legal but rarely what was meant. ``allow_changed``
+    (``--allow-changed code|data``) accepts user code or data whose content
+    differs from what the run was trained with.
     """
 
     model: str | None = None
@@ -78,6 +92,7 @@ class Sources:
     data_dir: str | Path | None = None
     loss: str | None = None
     allow_other_data: bool = False
+    allow_changed: frozenset[str] = frozenset()
 
 
 def prepare_analysis(
@@ -111,9 +126,14 @@ def prepare_analysis(
         >>> a.model, a.batches, a.loss_fn  # doctest: +SKIP
     """
     src = sources or Sources()
+    if split not in SPLITS:
+        raise FlatnessError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     file, run_dir = resolve_checkpoint_path(path)
     ckpt = load_checkpoint(file, model=src.model, model_kwargs=src.model_kwargs, device=device)
-    name = src.data or ckpt.dataset
+    recorded = ckpt.raw.get("fingerprint") if isinstance(ckpt.raw.get("fingerprint"), dict) else None
+    codes = (recorded or {}).get("code") or {}
+    home = run_dir or run_dir_of(file)
+    name = src.data or (locate_spec(ckpt.dataset, codes.get("data"), home) if ckpt.dataset else None)
     if name is None:
         raise FlatnessError(f"checkpoint {file} does not say which dataset it was trained on: pass --data")
     data_dir = src.data_dir if src.data_dir is not None else ckpt.config.get("data_dir")
@@ -121,12 +141,50 @@ def prepare_analysis(
     with _recorded(file, "data", name if src.data is None else None, "--data"):
         ds = load_dataset(name, data_dir, augment=False, kwargs=kwargs)  # its own errors first (missing files...)
     _check_same_data(file, ckpt.dataset, src)
-    with _recorded(file, "loss", ckpt.loss if src.loss is None else None, "--loss"):
-        loss_fn = resolve_loss(src.loss or ckpt.loss)
-    batches = analysis_batches(ds.split(split), samples=samples, batch_size=batch_size, device=device)
+    loss_spec = src.loss or (locate_spec(ckpt.loss, codes.get("loss"), home) if ckpt.loss else None)
+    with _recorded(file, "loss", loss_spec if src.loss is None else None, "--loss"):
+        loss_fn = resolve_loss(loss_spec)
+    specs = {"model": ckpt.model_name, "data": name, "loss": loss_spec}
+    current = {"code": {r: code_record(str(v), home) for r, v in specs.items() if v is not None}, "data": data_record(ds)}
+    other_data = src.data is not None and src.data != ckpt.dataset and src.allow_other_data
+    notes = compare_fingerprints(recorded, current, allow=src.allow_changed, what=f"checkpoint {file}", check_data=not other_data)
+    indices = trained_on_indices(ckpt, ds, split, file)
+    n = len(indices) if samples is None else samples
+    if n > len(indices):
+        raise FlatnessError(f"--samples {n} is more than the {len(indices)} samples of the {split} split ({_split_words(split)})")
+    chosen = Split.of(ds.split("test" if split == "test" else "train").take(indices[:n]))
+    batches = analysis_batches(chosen, batch_size=batch_size, device=device)
     check_fit(ckpt.model, loss_fn, batches[0], what=f"model {ckpt.model_name!r} of {file}", data=name, num_classes=ds.num_classes)
-    n = len(ds.split(split)) if samples is None else samples
-    return Analysis(ckpt, batches, loss_fn, name, split, n, loss_name(loss_fn), run_dir, ds)
+    sample_block = {"split": split, "count": n, "of": len(indices), "selection": "first N in dataset order",
+                    "indices_sha256": indices_digest(indices[:n]), "description": _split_words(split)}
+    block = {"checkpoint": {"path": str(file), "sha256": ckpt.digest}, "run": recorded, "samples": sample_block,
+             "versions": versions(), "device": str(torch.device(device).type), "accepted_changes": notes}
+    return Analysis(ckpt, batches, loss_fn, name, split, n, loss_name(loss_fn), run_dir, ds, block)
+
+
+def _split_words(split: str) -> str:
+    return {"train": "samples the run trained on", "val": "samples held out by --val-split", "test": "the test split"}[split]
+
+
+def trained_on_indices(ckpt: Checkpoint, ds: Dataset, split: str, file: Path) -> torch.Tensor:
+    """Indices (into the dataset's train or test split) of the samples ``split`` names, in dataset order.
+
+    ``train``: the training split minus the run's ``--val-split`` hold-out
+    (chosen by the run's seed, as the trainer chose it); ``val``: the hold-out;
+    ``test``: every test sample. Checkpoints without settings (other tools)
+    count as trained on the whole training split.
+
+    Raises:
+        FlatnessError: ``val`` for a run without a validation split.
+    """
+    if split == "test":
+        return torch.arange(len(ds.test))
+    val_split = int(ckpt.config.get("val_split") or 0)
+    seed = int(ckpt.config.get("seed") or 0)
+    if split == "val" and val_split == 0:
+        raise FlatnessError(f"checkpoint {file} was trained without --val-split, so there is no validation split; use --split train or test")
+    train_idx, val_idx = split_validation(len(ds.train), val_split, seed) if val_split else (torch.arange(len(ds.train)), torch.arange(0))
+    return val_idx if split == "val" else train_idx
 
 
 @contextlib.contextmanager

@@ -16,6 +16,16 @@ loaded; when it has moved, ``--model`` / ``--data`` / ``--loss`` say where.
 
 It is only ever read with ``torch.load(weights_only=True)``, so a file that
 carries a pickle payload is refused before any of it runs.
+
+Checked checkpoints (format version 2): ``save_checkpoint`` adds
+``"digest": {"algorithm": "sha256", "value": ...}``, the
+:func:`~flatness.provenance.digest.content_digest` of every other key (every
+tensor's bytes and every plain value, in a fixed order), and
+``read_checkpoint_file`` recomputes it: a checkpoint whose digest does not
+verify (a flipped bit in a weight, a momentum buffer, a setting) is refused
+with :class:`CheckpointCorrupted`, as is one whose weights are not all finite.
+Files without a digest (flatness 0.2 and other tools) are read with the
+finiteness check only.
 """
 
 from __future__ import annotations
@@ -33,10 +43,15 @@ from flatness.atomic import atomic_open
 from flatness.errors import FlatnessError
 from flatness.hooks import is_callable_spec
 from flatness.models import build_model
+from flatness.provenance.digest import ALGORITHM, content_digest
 from flatness.version import __version__
 
 FORMAT = "flatness-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content digest
+
+
+class CheckpointCorrupted(FlatnessError):
+    """A checkpoint whose content digest does not verify, or whose weights are not all finite."""
 
 
 @dataclass
@@ -73,6 +88,11 @@ class Checkpoint:
         return self.raw.get("dataset") or self.config.get("data")
 
     @property
+    def digest(self) -> str:
+        """sha256 content digest (the one written at save, verified at load; computed for foreign files)."""
+        return checkpoint_digest(self.raw)
+
+    @property
     def loss(self) -> str | None:
         """The loss spec the run trained with (``cross_entropy``, ``mse`` or ``module:fn``); None if unrecorded."""
         return self.raw.get("loss") or self.config.get("loss")
@@ -103,13 +123,25 @@ def resolve_checkpoint_path(path: str | Path) -> tuple[Path, Path | None]:
     return path, None
 
 
+def run_dir_of(path: str | Path) -> Path | None:
+    """The run directory a checkpoint file belongs to (``final.pt`` or ``checkpoints/*.pt`` beside a ``config.json``), if any."""
+    path = Path(path)
+    for folder in (path.parent, path.parent.parent):
+        if (folder / "config.json").is_file():
+            return folder
+    return None
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` to ``path`` atomically (temp file + fsync + rename).
 
-    The format header is added here. If the write fails, the file that was at
-    ``path`` before stays intact.
+    The format header and the content digest (over every other key) are
+    added here. If the write fails, the file that was at ``path`` before
+    stays intact.
     """
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "version": __version__, **payload}
+    payload.pop("digest", None)
+    payload["digest"] = {"algorithm": ALGORITHM, "value": content_digest(payload)}
     with atomic_open(path, "wb") as f:
         try:
             torch.save(payload, f)
@@ -127,7 +159,11 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 def read_checkpoint_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` with user-facing errors.
 
+    A flatness checkpoint's content digest is verified and its weights must
+    be finite (see the module docstring).
+
     Raises:
+        CheckpointCorrupted: the digest does not verify, or a weight is NaN/inf.
         FlatnessError: missing, unreadable, truncated, or carrying anything
             but tensors and plain values (e.g. a pickle payload).
     """
@@ -138,12 +174,55 @@ def read_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
         raise FlatnessError(f"checkpoint {path} is not a file")
     _check_container(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise FlatnessError(f"checkpoint {path} was refused: it holds objects other than tensors and plain values ({_refusal(e)})") from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError, AttributeError, KeyError, TypeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FlatnessError(f"checkpoint {path} cannot be read (truncated or not a checkpoint): {msg}") from None
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        verify_digest(obj, path)
+        if isinstance(obj.get("state_dict"), dict):
+            check_finite(obj["state_dict"], path)
+    return obj
+
+
+def verify_digest(obj: dict[str, Any], path: Path) -> None:
+    """Recompute a checkpoint's content digest; a file without one (older versions) passes.
+
+    Raises:
+        CheckpointCorrupted: the stored digest differs from the content's.
+    """
+    stored = obj.get("digest")
+    if stored is None:
+        return
+    if not isinstance(stored, dict) or stored.get("algorithm") != ALGORITHM:
+        raise CheckpointCorrupted(f"checkpoint {path} is damaged: its digest record is unreadable ({stored!r:.80})")
+    actual = content_digest({k: v for k, v in obj.items() if k != "digest"})
+    if actual != stored.get("value"):
+        raise CheckpointCorrupted(
+            f"checkpoint {path} is corrupted: its content does not match the sha256 digest written with it "
+            f"({str(stored.get('value'))[:12]}... written, {actual[:12]}... now); use another checkpoint of the run"
+        )
+
+
+def check_finite(state: dict[str, Any], path: Path) -> None:
+    """Every floating tensor of a state_dict is finite.
+
+    Raises:
+        CheckpointCorrupted: naming the first tensor with a NaN or infinite entry.
+    """
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointCorrupted(f"checkpoint {path} holds non-finite weights ({name} has NaN or infinite entries); use another checkpoint")
+
+
+def checkpoint_digest(obj: dict[str, Any]) -> str:
+    """The content digest of a loaded checkpoint: the stored one (verified on read), else computed now."""
+    stored = obj.get("digest")
+    if isinstance(stored, dict) and isinstance(stored.get("value"), str):
+        return stored["value"]
+    return content_digest({k: v for k, v in obj.items() if k != "digest"})
 
 
 # First bytes of files that are sometimes passed where a checkpoint belongs.
@@ -245,12 +324,19 @@ def load_checkpoint(
     path = resolve_checkpoint_path(path)[0]
     obj = read_checkpoint_file(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        if model is None and isinstance(obj.get("model"), str):  # the user's file, found from the run directory too
+            from flatness.provenance.fingerprint import locate_spec
+
+            record = ((obj.get("fingerprint") or {}).get("code") or {}).get("model")
+            located = locate_spec(obj["model"], record, run_dir_of(path))
+            model = located if located != obj["model"] else None
         name, kwargs = _model_of(obj, path, model, model_kwargs)
         net = _rebuild(name, kwargs, path, recorded=name == obj.get("model"))
         _load_weights(net, obj["state_dict"], name, path)
         net.to(device).eval()
         return Checkpoint(path, net, name, kwargs, dict(obj.get("config") or {}), list(obj.get("metrics") or []), obj)
     state = _foreign_state_dict(obj, path)
+    check_finite(state, path)
     if model is None:
         raise FlatnessError(f"{path} is a plain state_dict from another tool: pass --model to say which network it is")
     kwargs = dict(model_kwargs or {})

@@ -134,13 +134,43 @@ def add_sources(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, de
     parser.add_argument("--data-dir", default=None, help=f"folder with the CIFAR python-pickle batches{own}")
     parser.add_argument("--loss", default=None, metavar="NAME|MODULE:FN", help=f"cross_entropy, mse, or a callable loss(model, batch) (default: {default}, else cross_entropy){own}")
     parser.add_argument("--allow-other-data", action="store_true", help="measure on --data other than the checkpoint was trained on")
+    parser.add_argument("--allow-changed", action="append", metavar="code|data",
+                        help="accept the run's own --model/--data/--loss code or data whose content changed since it was trained "
+                             "(repeatable; the change is recorded in the output's provenance)")
 
 
 def sources_from_args(args: argparse.Namespace):  # noqa: ANN201 - flatness.analysis.Sources, imported lazily (torch)
     """The :class:`flatness.analysis.Sources` the flags of :func:`add_sources` name."""
     from flatness.analysis import Sources
+    from flatness.provenance.fingerprint import parse_allow_changed
 
     return Sources(
         model=args.model, model_kwargs=args.model_kwargs, data=args.data, data_kwargs=args.data_kwargs,
         data_dir=args.data_dir, loss=args.loss, allow_other_data=args.allow_other_data,
+        allow_changed=parse_allow_changed(args.allow_changed),
     )
+
+
+def typed_options(args: argparse.Namespace) -> set[str]:
+    """The destinations of the options the user TYPED for this command, at any value (a default typed counts).
+
+    Parses the command's own arguments again with every default suppressed,
+    so only typed options land in the namespace (abbreviations and
+    ``--flag=value`` included, as argparse reads them).
+    """
+    parser: argparse.ArgumentParser = args._parser
+    argv: list[str] = list(getattr(args, "_argv", []))
+    if args.command in argv:
+        argv = argv[argv.index(args.command) + 1 :]
+    saved = [(action, action.default) for action in parser._actions]
+    saved_defaults = dict(parser._defaults)
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        parser._defaults = {}
+        namespace, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+        parser._defaults = saved_defaults
+    return set(vars(namespace))

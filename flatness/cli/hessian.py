@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also the top eigenvalue and trace of each diagonal block: per parameter tensor (default) or per module",
     )  # fmt: skip
     p.add_argument("--samples", type=int, default=None, help="first N samples of the split (default: all)")
-    p.add_argument("--split", choices=("train", "test"), default="train", help="which split the loss is taken on")
+    p.add_argument("--split", choices=("train", "val", "test"), default="train", help="which samples the loss is taken on; train: the samples the run trained on (its --val-split hold-out excluded); val: the hold-out; test: the test split")
     p.add_argument("--batch-size", type=int, default=1000, help="samples per batch (memory only)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="precision of the Hessian-vector products")
     p.add_argument("--backend", choices=BACKENDS, default="graph", help="how Hessian-vector products are computed")

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for user errors)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # what was typed, for strict --resume
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2

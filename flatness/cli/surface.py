@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--allow-degenerate", action="store_true", help="compute even when a direction is zero or the two are parallel" + _OWN)
     d = p.add_argument_group("data")
     d.add_argument("--samples", type=positive_int, default=None, help="first N samples of the split (default: all)" + _OWN)
-    d.add_argument("--split", choices=("train", "test"), default="train", help="which split the surface is computed on")
+    d.add_argument("--split", choices=("train", "val", "test"), default="train", help="which samples the surface is computed on; train: the samples the run trained on (its --val-split hold-out excluded); val: the hold-out; test: the test split")
     d.add_argument("--test", action="store_true", help="also compute test_loss / test_acc on the test split" + _OWN)
     d.add_argument("--batch-size", type=positive_int, default=1000, help="samples per forward pass")
     add_sources(d)

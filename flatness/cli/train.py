@@ -7,7 +7,7 @@ import json
 
 from pathlib import Path
 
-from flatness.cli.common import add_command, add_common
+from flatness.cli.common import add_command, add_common, typed_options
 from flatness.errors import FlatnessError
 
 EXAMPLES = """\
@@ -56,7 +56,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--data-dir", default=None, help="folder with the CIFAR python-pickle batches")
     g.add_argument("--loss", default=d.loss, metavar="NAME|MODULE:FN", help="cross_entropy, mse, or your own loss(model, batch) -> mean loss")
     g.add_argument("--out", default=None, help="run directory (default runs/METHOD-MODEL-DATA-sSEED)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (that verifies); every option typed must match the run's")
+    g.add_argument("--replan-schedule", action="store_true",
+                   help="with --resume and another --epochs: replan the LR and sigma schedules over the new length from the current update")
+    g.add_argument("--allow-changed", action="append", metavar="code|data",
+                   help="with --resume: accept user code or data whose content differs from the run's fingerprint (repeatable)")
     g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N updates within an epoch (0: epoch ends only)")
     g.add_argument("--val-split", type=int, default=d.val_split,
                    help="hold out N training samples (chosen by --seed) as a validation split: not trained on, "
@@ -94,10 +99,45 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, _parser=p)
 
 
-def _given(args: argparse.Namespace) -> set[str]:
-    """Flags the user typed (values differing from the parser defaults)."""
-    parser: argparse.ArgumentParser = args._parser
-    return {a.dest for a in parser._actions if a.dest != "help" and getattr(args, a.dest, None) != a.default}
+# Options that say how to run, not what the run is: typed on a resume, they are not compared.
+NOT_SETTINGS = {"resume", "out", "device", "quiet", "force", "replan_schedule", "allow_changed", "command", "func", "_parser", "_argv"}
+# Settings that may differ on a resume: bookkeeping that does not change the numbers.
+BOOKKEEPING = {"save_every", "keep_epochs"}
+FLAG_TO_FIELD = {"no_augment": "augment", "no_epoch_checkpoints": "keep_epochs"}
+
+
+def _resumed_config(args: argparse.Namespace, saved: dict, fields: dict, out: str):
+    """The saved run's settings; every setting typed now, at any value, must equal the saved one.
+
+    ``--epochs`` may differ only with ``--replan-schedule`` (checked by the trainer).
+
+    Raises:
+        FlatnessError: one line naming the option, the run's value and the typed one.
+    """
+    from flatness.training import TrainConfig
+
+    where = Path(out) / "config.json"
+    try:
+        before = TrainConfig.from_dict(saved)
+    except FlatnessError as e:
+        raise FlatnessError(f"{where}: {e}") from None
+    typed = {FLAG_TO_FIELD.get(d, d) for d in typed_options(args)} - NOT_SETTINGS
+    try:
+        after = TrainConfig.from_dict({**saved, **{f: fields[f] for f in typed if f in fields}})
+    except FlatnessError as e:
+        raise FlatnessError(f"--resume: {e}") from None
+    for name in sorted(typed & set(fields)):
+        then, now = getattr(before, name), getattr(after, name)
+        if name == "model_kwargs":  # the run records them resolved (defaults filled in); typed keys must agree
+            now = {**then, **now}
+        if then == now or name in BOOKKEEPING or name == "epochs":
+            continue
+        flag = "--" + {"augment": "no-augment", "keep_epochs": "no-epoch-checkpoints"}.get(name, name.replace("_", "-"))
+        raise FlatnessError(
+            f"--resume: the run in {out} has {flag} {then!r}, but {now!r} was typed; a resumed run keeps its settings "
+            f"(drop {flag}, or start a new run with another --out)"
+        )
+    return after
 
 
 def _fields(args: argparse.Namespace) -> dict:
@@ -117,23 +157,21 @@ def _fields(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from flatness.hooks import short_name
+    from flatness.provenance.fingerprint import parse_allow_changed
     from flatness.training import TrainConfig, train
     from flatness.training.rundir import resume_settings
 
     fields = _fields(args)
     out = args.out or f"runs/{args.method}-{short_name(args.model)}-{short_name(args.data)}-s{args.seed}"
     saved = resume_settings(out, {}) if args.resume else None
-    if saved is not None:
-        # Resume: start from the saved settings; flags typed now must agree (checked by train()).
-        flag_to_field = {"no_augment": "augment", "no_epoch_checkpoints": "keep_epochs"}
-        typed = {flag_to_field.get(k, k): fields[flag_to_field.get(k, k)] for k in _given(args) if flag_to_field.get(k, k) in fields}
-        try:
-            config = TrainConfig.from_dict({**saved, **typed})
-        except FlatnessError as e:
-            raise FlatnessError(f"{Path(out) / 'config.json'}: {e}") from None
-    else:
-        config = TrainConfig(**fields)
-    result = train(config, out, device=args.device, resume=args.resume, force=args.force, quiet=args.quiet)
+    if args.replan_schedule and not args.resume:
+        raise FlatnessError("--replan-schedule changes the plan of a resumed run; it needs --resume")
+    if args.allow_changed and not args.resume:
+        raise FlatnessError("--allow-changed accepts changes since a run was trained; it needs --resume")
+    allow = parse_allow_changed(args.allow_changed)
+    config = _resumed_config(args, saved, fields, out) if saved is not None else TrainConfig(**fields)
+    result = train(config, out, device=args.device, resume=args.resume, force=args.force, quiet=args.quiet,
+                   replan_schedule=args.replan_schedule, allow_changed=allow)
     if result.is_main:
         last = result.metrics[-1] if result.metrics else {}
         print(

@@ -82,6 +82,7 @@ def hessian_report(
     }
     result.update(measured.to_dict())
     result["version"] = __version__
+    result["provenance"] = analysis.provenance
     return result
 
 

@@ -17,7 +17,7 @@ from flatness.errors import FlatnessError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 TRACE_METHODS = ("hutch++", "hutchinson")
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")  # train: the samples the run trained on; val: its --val-split hold-out
 PER_LAYER = ("tensor", "module")
 BACKENDS = ("graph", "backward", "jvp", "linearize")  # flatness.curvature.operator.BACKENDS
 

@@ -91,7 +91,7 @@ class SurfaceSpec:
             set_(self, "ignore", "biasbn" if self.directions in RANDOM_KINDS else "none")
         _choice("--ignore", self.ignore, ("biasbn", "none"))
         _choice("--hessian-normalize", self.hessian_normalize, HESSIAN_NORMALIZE)
-        _choice("--split", self.split, ("train", "test"))
+        _choice("--split", self.split, ("train", "val", "test"))
         if self.split == "test" and self.test:
             set_(self, "test", False)  # the test split is the surface itself
         _choice("--method", self.method, METHODS)

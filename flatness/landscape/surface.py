@@ -497,6 +497,7 @@ def _load_centre(ckpt_path: Path, run_dir: Path | None, dev: torch.device, spec:
         "dataset": analysis.dataset,
         "loss": analysis.loss,  # --loss (or the checkpoint's): a resume with another loss is refused
         "split": spec.split,
+        "provenance": analysis.provenance,
     }
     if spec.to:
         settings["to"] = [str(Path(p).resolve()) for p in spec.to]

@@ -36,7 +36,8 @@ import torch
 from flatness.analysis import Analysis, Sources, prepare_analysis
 from flatness.checkpoint import resolve_checkpoint_path
 from flatness.errors import FlatnessError
-from flatness.report.cache import ArtifactCache, file_digest
+from flatness.provenance.digest import file_digest
+from flatness.report.cache import ArtifactCache
 from flatness.version import __version__
 
 SURFACE_KINDS = ("1d", "2d", "none")

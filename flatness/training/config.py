@@ -28,6 +28,8 @@ RHO_DEFAULT = 0.05
 
 #: Keys ``config.json`` holds beside the settings: derived from them, never read back as settings.
 DERIVED_KEYS = ("updates", "data_epochs", "grad_evals_per_update")
+#: Records ``config.json`` holds beside the settings: the run's fingerprint and its schedule replans.
+RECORD_KEYS = (*DERIVED_KEYS, "fingerprint", "schedule_replans")
 
 _INT_RULES = {  # field -> (minimum, what the flag means)
     "epochs": (1, "a positive integer"),
@@ -194,10 +196,11 @@ class TrainConfig:
         Raises:
             FlatnessError: an unknown key (named), or a value of the wrong type.
                 Ints are accepted where floats are expected; the derived keys
-                (``updates``, ``data_epochs``, ``grad_evals_per_update``) are skipped.
+                (``updates``, ``data_epochs``, ``grad_evals_per_update``) and the
+                records (``fingerprint``, ``schedule_replans``) are skipped.
         """
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in d if k not in names and k not in DERIVED_KEYS)
+        unknown = sorted(k for k in d if k not in names and k not in RECORD_KEYS)
         if unknown:
             raise FlatnessError(f"unknown setting {unknown[0]!r} (known: {', '.join(sorted(names))})")
         defaults = cls()

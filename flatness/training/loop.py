@@ -37,9 +37,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flatness import distributed
-from flatness.checkpoint import read_checkpoint_file, save_checkpoint
+from flatness.checkpoint import CheckpointCorrupted, read_checkpoint_file, save_checkpoint
 from flatness.data import Dataset, Split, load_dataset
 from flatness.data.base import Batch, map_batch
+from flatness.data.splits import seed_for as _seed_for
+from flatness.data.splits import split_validation
 from flatness.device import resolve_device
 from flatness.distributed import DistInfo
 from flatness.errors import FlatnessError
@@ -50,7 +52,8 @@ from flatness.progress import progress
 from flatness.training.config import TrainConfig
 from flatness.training.methods import MethodSpec, check_method
 from flatness.training.parallel import TrainParallel
-from flatness.training.rundir import RunDir, check_resume_config, open_run_dir
+from flatness.provenance.fingerprint import code_record, compare_fingerprints, data_record, versions
+from flatness.training.rundir import RunDir, check_epochs_change, check_resume_config, open_run_dir
 from flatness.training.schedule import make_scheduler
 from flatness.training.tracking import CurvatureTracker
 
@@ -72,33 +75,8 @@ class TrainResult:
     is_main: bool = True
 
 
-def _seed_for(*parts: int) -> int:
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h = (h * 1_000_003 + int(p) + 1) % (2**63 - 1)
-    return h
-
-
 def _epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(_seed_for(seed, epoch)))
-
-
-def split_validation(n: int, val_split: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Indices ``(train, val)`` of ``n`` training samples with ``val_split`` held out.
-
-    The held-out samples are the first ``val_split`` of a permutation seeded
-    by ``seed`` alone (not by the method), so every method of a study with
-    the same seed sees the same validation split. Both index sets are sorted.
-
-    Raises:
-        FlatnessError: ``val_split`` leaves no training samples.
-    """
-    if val_split >= n:
-        raise FlatnessError(f"--val-split {val_split} leaves no training samples (the training split has {n}); pass fewer")
-    if val_split == 0:
-        return torch.arange(n), torch.arange(0)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed_for(seed, -1)))
-    return perm[val_split:].sort().values, perm[:val_split].sort().values
 
 
 @torch.no_grad()
@@ -248,6 +226,10 @@ class _Session:
     quiet: bool = True
     on_epoch: Callable[[dict[str, Any]], None] | None = None
     run: RunDir = field(default_factory=lambda: RunDir(Path(".")))
+    data_fingerprint: dict[str, Any] = field(default_factory=dict)
+    replan_schedule: bool = False
+    allow_changed: frozenset[str] = frozenset()
+    replans: list[dict[str, int]] = field(default_factory=list)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -281,6 +263,8 @@ def train(
     force: bool = False,
     quiet: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    replan_schedule: bool = False,
+    allow_changed: frozenset[str] = frozenset(),
 ) -> TrainResult:
     """Train ``config.model`` on ``config.data`` with ``config.method``; write a run directory.
 
@@ -292,11 +276,18 @@ def train(
         force: replace an existing run directory (only once it is known to be writable).
         quiet: no progress bar.
         on_epoch: called with each data epoch's metrics dict.
+        replan_schedule: on resume, accept another ``config.epochs`` than the
+            run was planned for and replan the LR and sigma schedules over the
+            new length from the current update (recorded in ``schedule_replans``).
+        allow_changed: on resume, accept user code (``"code"``) or data
+            (``"data"``) whose content differs from the run's fingerprint.
 
     Raises:
         FlatnessError: bad settings, an existing ``out`` without
-            ``resume``/``force``, a resume with different settings or fewer
-            epochs than done, a run in use by another process.
+            ``resume``/``force``, a resume with different settings, fewer
+            epochs than done or another plan without ``replan_schedule``,
+            changed code or data, no checkpoint that verifies, a run in use
+            by another process.
         TrainingDiverged: the loss became NaN/inf (names epoch and step).
     """
     spec = check_method(config)
@@ -304,6 +295,7 @@ def train(
     with distributed.process_group(dev) as info:
         s = _prepare(config, spec, dev, info)
         s.quiet, s.on_epoch = quiet, on_epoch
+        s.replan_schedule, s.allow_changed = replan_schedule, frozenset(allow_changed)
         with _open_run(out, resume=resume, force=force, info=info) as (run, resuming):
             s.run = run
             state = _build_state(s, resuming)
@@ -331,7 +323,7 @@ def _prepare(config: TrainConfig, spec: MethodSpec, dev: torch.device, info: Dis
     train = ds.train.to(dev)
     val = Split.of(train.take(val_idx.to(dev))) if config.val_split else None
     data = _Data(train, train_idx.to(dev), val, ds.test.to(dev), ds.augment, loss_fn)
-    return _Session(config, spec, dev, info, model, data)
+    return _Session(config, spec, dev, info, model, data, data_fingerprint=data_record(ds))
 
 
 @contextlib.contextmanager
@@ -353,17 +345,23 @@ def _build_state(s: _Session, resuming: bool) -> _State:
     c, run = s.config, s.run
     saved = run.read_config() if run.config.exists() else None
     if saved is not None:
+        s.replans = list(saved.get("schedule_replans") or [])
         check_resume_config(saved, _config_record(s), run.root)
+        compare_fingerprints(saved.get("fingerprint"), _fingerprint(s), allow=s.allow_changed, what=f"the run in {run.root}")
     optimizer = s.spec.build(s.model, c)
     scheduler = make_scheduler(optimizer, c, s.batches_per_epoch)
     tracker = None
-    if c.track_curvature:
-        fixed = s.data.train.take(slice(0, c.track_samples))
+    if c.track_curvature:  # a fixed batch of samples the run trains on (never held-out ones)
+        fixed = s.data.train.take(s.data.train_idx[: c.track_samples])
         tracker = CurvatureTracker(c.track_curvature, c.track_trace, fixed, loss_fn=s.data.loss_fn)
     state = _State(optimizer, scheduler, TrainParallel(s.model, s.info), tracker)
     state.acc, state.bad_step = state.acc.to(s.dev), state.bad_step.to(s.dev)
     if resuming:
-        _restore(s, state, _read_resume_checkpoint(s))
+        ckpt = _read_resume_checkpoint(s)
+        replan = check_epochs_change(saved or {}, c.epochs, run.root, replan_schedule=s.replan_schedule)
+        _restore(s, state, ckpt)
+        if replan is not None:
+            s.replans.append({**replan, "at_update": state.step})
     state.sigma_schedule = _sigma_schedule(c, optimizer, s.batches_per_epoch, state.step)
     state.par = TrainParallel.create(s.model, c, s.info, per_rank_first_pass=s.spec.per_rank_first_pass)
     if s.info.is_main:
@@ -374,8 +372,23 @@ def _build_state(s: _Session, resuming: bool) -> _State:
 
 
 def _config_record(s: _Session) -> dict[str, Any]:
-    """``config.json``: every setting, plus the protocol's derived counts."""
-    return {**s.config.to_dict(), **s.config.protocol(s.batches_per_epoch)}
+    """``config.json``: every setting, the protocol's derived counts, the fingerprint and any schedule replans."""
+    record = {**s.config.to_dict(), **s.config.protocol(s.batches_per_epoch), "fingerprint": _fingerprint(s)}
+    if s.replans:
+        record["schedule_replans"] = s.replans
+    return record
+
+
+def _fingerprint(s: _Session) -> dict[str, Any]:
+    """What produced the run (:mod:`flatness.provenance.fingerprint`): the user's code files, the data, versions, device."""
+    c = s.config
+    specs = {"model": c.model, "data": c.data, "loss": c.loss}
+    return {
+        "code": {role: code_record(spec, s.run.root) for role, spec in specs.items()},
+        "data": s.data_fingerprint,
+        "versions": versions(),
+        "device": s.dev.type,
+    }
 
 
 def _sigma_schedule(c: TrainConfig, optimizer: torch.optim.Optimizer, batches_per_epoch: int, step: int) -> Any:
@@ -397,9 +410,9 @@ def _sigma_schedule(c: TrainConfig, optimizer: torch.optim.Optimizer, batches_pe
 
 
 def _read_resume_checkpoint(s: _Session) -> dict[str, Any]:
-    """``last.pt``, checked against this run before anything is written."""
-    c, last = s.config, s.run.last
-    ckpt = read_checkpoint_file(last, map_location=s.dev)
+    """``last.pt`` (else the newest checkpoint that verifies), checked against this run before anything is written."""
+    c = s.config
+    last, ckpt = _newest_verified(s)
     missing = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise FlatnessError(f"--resume: {last} is not a training checkpoint (it lacks {', '.join(missing)})")
@@ -412,6 +425,35 @@ def _read_resume_checkpoint(s: _Session) -> dict[str, Any]:
             f"--epochs {c.epochs} is fewer: pass --epochs {done} or more, or start a new run with another --out"
         )
     return ckpt
+
+
+def _newest_verified(s: _Session) -> tuple[Path, Any]:
+    """``last.pt`` when it verifies; else the checkpoint of the run with the most updates that does (said on the log).
+
+    Raises:
+        FlatnessError: no checkpoint of the run verifies.
+    """
+    import logging
+
+    try:
+        return s.run.last, read_checkpoint_file(s.run.last, map_location=s.dev)
+    except CheckpointCorrupted as e:
+        damage = str(e)
+    found: list[tuple[int, Path, Any]] = []
+    for path in [s.run.final, *s.run.epoch_checkpoints()]:
+        if not path.exists():
+            continue
+        try:
+            ckpt = read_checkpoint_file(path, map_location=s.dev)
+        except FlatnessError:
+            continue
+        if isinstance(ckpt, dict) and all(k in ckpt for k in RESUME_KEYS):
+            found.append((int(ckpt["step"]), path, ckpt))
+    if not found:
+        raise FlatnessError(f"--resume: {damage}, and no other checkpoint of {s.run.root} verifies; start a new run")
+    step, path, ckpt = max(found, key=lambda f: (f[0], f[1].name == "final.pt"))
+    logging.getLogger("flatness").warning(f"{damage}; resuming from {path} (update {step}), the newest checkpoint that verifies")
+    return path, ckpt
 
 
 def _restore(s: _Session, state: _State, ckpt: dict[str, Any]) -> None:
@@ -450,6 +492,7 @@ def _payload(s: _Session, state: _State) -> dict[str, Any]:
         "metrics": state.metrics,
         "train_seconds": state.seconds,
         "curvature": state.tracker.state_dict() if state.tracker is not None else None,
+        "fingerprint": _fingerprint(s),
     }
 
 

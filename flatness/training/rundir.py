@@ -16,7 +16,8 @@ from typing import Any
 from flatness.atomic import atomic_write_text
 from flatness.errors import FlatnessError
 
-# Settings that may change between a run and its resume (they do not change the numbers).
+# Settings that may change between a run and its resume: bookkeeping that does not change the
+# numbers, and ``epochs`` (only with ``replan_schedule``, checked by the trainer).
 RESUMABLE_CHANGES = ("epochs", "updates", "data_epochs", "save_every", "keep_epochs")
 LOCK_NAME = ".lock"
 
@@ -225,16 +226,42 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any], root: Pa
     setting existed) counts as its default; the derived protocol counts are
     functions of the settings and are not compared.
     """
-    from flatness.training.config import DERIVED_KEYS, TrainConfig
+    from flatness.training.config import RECORD_KEYS, TrainConfig
 
     defaults = TrainConfig().to_dict()
     diffs = [
         f"{k}: {saved.get(k, defaults.get(k))!r} -> {current.get(k)!r}"
         for k in sorted(set(saved) | set(current))
-        if k not in RESUMABLE_CHANGES and k not in DERIVED_KEYS and saved.get(k, defaults.get(k)) != current.get(k)
+        if k not in RESUMABLE_CHANGES and k not in RECORD_KEYS and saved.get(k, defaults.get(k)) != current.get(k)
     ]
     if diffs:
         raise FlatnessError(f"--resume: settings differ from {what or f'the run in {root}'} ({'; '.join(diffs[:4])})")
+
+
+def check_epochs_change(saved: dict[str, Any], epochs: int, root: Path, *, replan_schedule: bool) -> dict[str, int] | None:
+    """A resume with another ``--epochs`` than the run was planned for needs ``replan_schedule``.
+
+    The LR schedule (and the sigma schedule) run over the planned updates: a
+    cosine run resumed with more epochs would train the extra ones at the
+    schedule's end value (LR 0). With ``replan_schedule`` the schedules are
+    planned over the new length from the current update on (docs/training.md).
+
+    Returns:
+        ``{"epochs_from": old, "epochs_to": new}`` when the plan changes, else None.
+
+    Raises:
+        FlatnessError: another length without ``replan_schedule``.
+    """
+    planned = saved.get("epochs")
+    if not isinstance(planned, int) or planned == epochs:
+        return None
+    if not replan_schedule:
+        raise FlatnessError(
+            f"--resume: the run in {root} was planned for --epochs {planned} and its LR schedule runs over those updates; "
+            f"--epochs {epochs} changes the plan: pass --replan-schedule to replan the schedules over {epochs} epochs "
+            f"from the current update (see docs/training.md), or start a new run"
+        )
+    return {"epochs_from": planned, "epochs_to": epochs}
 
 
 def resume_settings(out: str | Path, typed: dict[str, Any]) -> dict[str, Any] | None:

@@ -14,9 +14,34 @@ forward-backward per process. A single all-reduce forms
 
 and every rank applies the same base-optimizer step, so the weights stay
 identical without DDP (do not wrap the model in ``DistributedDataParallel``).
-With one rank per role this is exactly :class:`~flatness.optim.MARWP` with
-``mix_batches="alternate"`` (clean batch, then perturbed batch) - the property
-the tests check.
+
+Which samples each gradient sees is the caller's choice: every rank's closure
+runs on that rank's own batch. With one rank per role, update :math:`t` is
+
+.. math::
+
+    g_t = \lambda\, \nabla L(w_t + \epsilon_t;\ B_t^{(1)})
+        + (1-\lambda)\, \nabla L(w_t;\ B_t^{(0)}),
+
+:math:`B_t^{(r)}` the batch rank :math:`r` holds at update :math:`t`, two
+*different* batches, and :math:`\epsilon_t` draw :math:`t` of noise stream 0.
+That is exactly :class:`~flatness.optim.MARWP` with ``mix_batches="alternate"``
+fed :math:`B_t^{(0)}` then :math:`B_t^{(1)}` (tests/optim/test_optim_parallel.py);
+it is *not* ``MARWP(mix_batches="same")``, which takes both gradients on one
+batch.
+
+* The official script gives each rank its own ``DistributedSampler`` batch of
+  ``-b`` samples (an update reads two batches, so it doubles the epochs); the
+  odd rank adds filter-wise noise (RWP: no ARWP accumulator there) and scales
+  its loss by :math:`2\lambda`, the even rank by :math:`2(1-\lambda)`, and DDP's
+  gradient average gives the same :math:`g_t`.
+* ``flatness train --parallel-roles`` under ``torchrun --nproc_per_node 2``:
+  ``--batch-size`` is the global batch :math:`B_t` (the next ``--batch-size``
+  samples of the data epoch's permutation) and rank :math:`r` takes its
+  positions :math:`r, r+2, r+4, \dots`: :math:`B_t^{(0)}` (clean) the even
+  positions, :math:`B_t^{(1)}` (perturbed) the odd ones; the learning rate
+  follows the per-update schedule. tests/cli/test_train_distributed.py checks
+  such a run against a single-process transcription of :math:`g_t` to 1e-6.
 
 What the same all-reduce also carries, so all ranks hold the same state:
 

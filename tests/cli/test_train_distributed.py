@@ -1,4 +1,8 @@
-"""``flatness train`` under torchrun (2 gloo processes) matches one process."""
+"""``flatness train`` under torchrun (2 gloo processes).
+
+SGD and m-ARWP through DDP match one process; ``--parallel-roles`` matches a
+single-process transcription of the two-role scheme (not plain m-ARWP).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import pytest
 import torch
 
 from flatness.checkpoint import read_checkpoint_file
+from tests.cli.parallel_roles_reference import two_role_marwp
 from tests.conftest import REPO, RUN_DIR, run_cli
 
 ARGS = ["--model", "mlp", "--data", "synthetic", "--epochs", "2", "--batch-size", "32", "--quiet", "--device", "cpu"]
@@ -46,15 +51,37 @@ def test_data_parallel_equals_single_process(tmp_path: Path, method: list[str]) 
     assert abs(a["metrics"][-1]["train_loss"] - b["metrics"][-1]["train_loss"]) < 1e-5
 
 
-def test_parallel_roles_under_torchrun(tmp_path: Path) -> None:
+ROLES = ["--method", "m-arwp", "--parallel-roles", "--sigma", "0.5", "--lam", "0.7", "--eta", "1.0"]
+
+
+def test_parallel_roles_equals_its_single_process_transcription(tmp_path: Path) -> None:
+    """``--parallel-roles`` (2 gloo processes) = the two-role math written out in one process, to 1e-6.
+
+    Rank 0 takes the clean gradient on the even positions of each global batch,
+    rank 1 the perturbed one (noise stream 0) on the odd positions, and both apply
+    lam * g_perturbed + (1 - lam) * g_clean (tests/cli/parallel_roles_reference.py).
+    lam = 0.7 makes the weighting visible; sigma 0.5 and eta 1 the noise and the
+    ARWP accumulator. The same transcription with the halves swapped is far off,
+    and single-process m-ARWP (no roles: both gradients on the whole batch) differs.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "flatness", "train", *ARGS, "--method", "m-arwp", "--parallel-roles", "--sigma", "0.01", "--out", str(tmp_path / "par")]
+           "-m", "flatness", "train", *ARGS, *ROLES, "--out", str(tmp_path / "par")]
     r = subprocess.run(cmd, cwd=RUN_DIR, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     ck = read_checkpoint_file(tmp_path / "par" / "final.pt")
-    assert ck["config"]["parallel_roles"] is True
-    assert ck["metrics"][-1]["train_loss"] < ck["metrics"][0]["train_loss"]
+    assert ck["config"]["parallel_roles"] is True and ck["step"] == 16
+    weights, losses = two_role_marwp(ck["config"])
+    for k, v in weights.items():
+        torch.testing.assert_close(ck["state_dict"][k], v, atol=1e-6, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+    for row, loss in zip(ck["metrics"], losses, strict=True):
+        assert abs(row["train_loss"] - loss) < 1e-5 * max(1.0, abs(loss))
+    swapped, _ = two_role_marwp(ck["config"], swap_roles=True)
+    assert max(float((ck["state_dict"][k] - v).abs().max()) for k, v in swapped.items()) > 1e-2
+    single = run_cli("train", *ARGS, *[a for a in ROLES if a != "--parallel-roles"], "--out", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr
+    b = read_checkpoint_file(tmp_path / "single" / "final.pt")
+    assert max(float((ck["state_dict"][k] - b["state_dict"][k]).abs().max()) for k in b["state_dict"]) > 1e-3
 
 
 def test_parallel_roles_needs_torchrun(tmp_path: Path) -> None:

@@ -24,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "compare", "Compare checkpoints: losses, curvature, sharpness, surfaces -> HTML/Markdown/JSON report.", EXAMPLES)
     p.add_argument("checkpoints", nargs="+", help="checkpoint files (.pt) or run directories")
     p.add_argument("--out", required=True, help="report folder")
-    p.add_argument("--samples", type=positive_int, default=d.samples, help="first N training samples used for every measure")
+    p.add_argument("--samples", type=positive_int, default=d.samples, help="first N samples of --split used for every measure")
+    p.add_argument("--split", choices=("train", "val", "test"), default=d.split,
+                   help="which samples: train = the samples each run trained on (its --val-split hold-out excluded); val = the hold-out; test")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
     p.add_argument("--surface", choices=("1d", "2d", "none"), default=d.surface)
     p.add_argument("--surface-points", type=positive_int, default=d.surface_points, help="points per surface axis")
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from flatness.report import CompareSettings, compare
 
     s = CompareSettings(
-        samples=args.samples, batch_size=args.batch_size, surface=args.surface, surface_points=args.surface_points,
+        samples=args.samples, split=args.split, batch_size=args.batch_size, surface=args.surface, surface_points=args.surface_points,
         top_k=args.top_k, trace_matvecs=args.trace_matvecs, density=args.density, per_layer=args.per_layer, radii=tuple(args.radii),
         draws=args.draws, rho=args.rho, seed=args.seed,
     )

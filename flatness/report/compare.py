@@ -14,9 +14,13 @@ the blocks (one graph cache). Every artifact is cached by checkpoint content has
 computes that one, and worker processes can fill the cache in parallel
 (:func:`measure_checkpoint`) before one process writes the report.
 
-Checkpoints are grouped by label (default: the training method); the
-report adds per-group mean +- sd over seeds and paired differences against
-``sgd`` and ``sgd-2x`` (:mod:`flatness.report.stats`).
+Checkpoints are grouped by configuration (:mod:`flatness.report.groups`):
+a group holds seeds of one configuration, labelled by its method (plus the
+settings that tell configurations of one method apart); the report adds
+per-group mean +- sd over seeds and paired differences against ``sgd`` and
+``sgd-2x`` (:mod:`flatness.report.stats`). Every checkpoint's entry carries
+its provenance block (checkpoint digest, run fingerprint, the samples used,
+versions), and ``out`` is locked while the report is made.
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ import torch
 from flatness.analysis import Analysis, Sources, prepare_analysis
 from flatness.checkpoint import resolve_checkpoint_path
 from flatness.errors import FlatnessError
+from flatness.locks import LOCK_NAME, folder_lock
 from flatness.provenance.digest import file_digest
 from flatness.report.cache import ArtifactCache
+from flatness.report.groups import form_groups
 from flatness.version import __version__
 
 SURFACE_KINDS = ("1d", "2d", "none")
@@ -51,6 +57,7 @@ class CompareSettings:
     """What ``flatness compare`` computes; all of it is recorded in the report."""
 
     samples: int = 1000
+    split: str = "train"  # train: the samples each run trained on; val: its --val-split hold-out; test
     batch_size: int = 1000
     surface: str = "1d"
     surface_points: int = 21
@@ -77,6 +84,8 @@ class CompareSettings:
             raise FlatnessError(f"--radii must be finite numbers >= 0, got {list(self.radii)}")
         if not (math.isfinite(self.rho) and self.rho > 0):
             raise FlatnessError(f"--rho must be a finite positive number, got {self.rho}")
+        if self.split not in ("train", "val", "test"):
+            raise FlatnessError(f"unknown --split {self.split!r}; expected train, val or test")
         if self.surfaces_for not in SURFACE_SCOPES:
             raise FlatnessError(f"unknown surfaces_for {self.surfaces_for!r}; expected one of {', '.join(SURFACE_SCOPES)}")
 
@@ -94,6 +103,7 @@ class CompareResult:
     reused: list[str] = field(default_factory=list)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def report_html(self) -> Path:
@@ -277,8 +287,8 @@ def _check_inputs(paths: list[Path], analyses: list[Analysis]) -> None:
 
 def _keys(s: CompareSettings) -> tuple[str, str]:
     sd = s.to_dict()
-    core = {k: sd[k] for k in ("samples", "top_k", "tol", "trace_matvecs", "radii", "draws", "rho", "seed", "density", "per_layer")}
-    surf = {k: sd[k] for k in ("samples", "surface", "surface_points", "surface_range", "seed")}
+    core = {k: sd[k] for k in ("samples", "split", "top_k", "tol", "trace_matvecs", "radii", "draws", "rho", "seed", "density", "per_layer")}
+    surf = {k: sd[k] for k in ("samples", "split", "surface", "surface_points", "surface_range", "seed")}
     return json.dumps(core, sort_keys=True), json.dumps(surf, sort_keys=True)
 
 
@@ -307,7 +317,7 @@ def measure_checkpoint(path: str | Path, out: str | Path, settings: CompareSetti
 
     settings.validate()
     path = resolve_checkpoint_path(path)[0]
-    a = prepare_analysis(path, samples=settings.samples, batch_size=settings.batch_size, device=device, sources=sources)
+    a = prepare_analysis(path, split=settings.split, samples=settings.samples, batch_size=settings.batch_size, device=device, sources=sources)
     cache = ArtifactCache(Path(out) / "cache", version=CACHE_VERSION)
     digest = file_digest(path)
     core_key, surf_key = _keys(settings)
@@ -324,6 +334,7 @@ def _entry(path: Path, digest: str, a: Analysis, group: str, label: str) -> dict
         "path": str(path), "label": label, "group": group, "method": cfg.get("method"),
         "seed": seed if isinstance(seed, int) else 0, "config": cfg, "sha256": digest,
         "cost": run_cost(cfg, metrics), "training_curve": metrics, "curvature_track": _curvature_track(path),
+        "provenance": a.provenance,
     }
 
 
@@ -347,8 +358,9 @@ def compare(
     ``out``) before anything is computed or written.
 
     Args:
-        labels: group name per checkpoint (default: its training method);
-            checkpoints of one group are seeds of one method.
+        labels: group name per checkpoint (default: its method, plus the
+            settings that tell configurations of one method apart); a group
+            holds seeds of ONE configuration (:mod:`flatness.report.groups`).
         notes: protocol notes shown at the top of the report (e.g. by the demo).
         sources: the user's own model / data / loss for every checkpoint
             (see :class:`flatness.analysis.Sources`); a checkpoint may also
@@ -356,8 +368,9 @@ def compare(
 
     Raises:
         FlatnessError: bad settings, unreadable or duplicate checkpoints,
-            checkpoints on different datasets, an unwritable ``out``, or an
-            existing report without ``force``.
+            checkpoints on different datasets, labels that pool two
+            configurations, an unwritable ``out``, ``out`` in use by another
+            compare, or an existing report without ``force``.
     """
     from flatness.report.figures import make_figures
     from flatness.report.render import write_reports
@@ -371,20 +384,24 @@ def compare(
     out = _check_out(Path(out), force)
     t0 = time.perf_counter()
     paths = [resolve_checkpoint_path(p)[0] for p in checkpoints]
-    analyses = [prepare_analysis(p, samples=s.samples, batch_size=s.batch_size, device=device, sources=sources) for p in paths]
+    analyses = [prepare_analysis(p, split=s.split, samples=s.samples, batch_size=s.batch_size, device=device, sources=sources) for p in paths]
     _check_inputs(paths, analyses)
     digests = [file_digest(p) for p in paths]
     _check_distinct(paths, digests)
+    names, groups = form_groups(paths, [a.checkpoint for a in analyses], labels)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FlatnessError(f"cannot create report folder {out}: {e.strerror}") from None
-    cache = ArtifactCache(out / "cache", version=CACHE_VERSION)
-    names = labels if labels is not None else [a.checkpoint.config.get("method") or "model" for a in analyses]
-    entries = _measure_all(paths, digests, analyses, names, cache, s, device, quiet)
-    figures = make_figures(entries, s, out)
-    result = CompareResult(out, entries, cache.computed, cache.reused, time.perf_counter() - t0, list(notes or []))
-    write_reports(result, s, figures, dataset=analyses[0].dataset, version=__version__)
+    with folder_lock(out, busy=f"report folder {out} is in use by another flatness compare (lock {out / LOCK_NAME}); wait for it to finish",
+                     unwritable=f"cannot write the report into {out}: {{reason}}; choose another --out") as lock:
+        _check_out(out, force)  # again, under the lock: a report finished meanwhile is not overwritten
+        cache = ArtifactCache(out / "cache", version=CACHE_VERSION)
+        entries = _measure_all(paths, digests, analyses, names, cache, s, device, quiet)
+        figures = make_figures(entries, s, out)
+        result = CompareResult(out, entries, cache.computed, cache.reused, time.perf_counter() - t0, list(notes or []), groups)
+        write_reports(result, s, figures, dataset=analyses[0].dataset, version=__version__)
+        lock.unlink(missing_ok=True)
     return result
 
 

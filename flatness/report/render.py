@@ -106,13 +106,14 @@ def report_json(result: Any, settings: Any, dataset: str, version: str) -> dict[
     keep = ("path", "label", "group", "seed", "method", "config", "sha256", "cost", "train_loss", "train_acc",
             "test_loss", "test_acc", "top_eigenvalues", "eigen_residuals", "eigen_converged", "trace", "trace_stderr",
             "hvp_count", "bn_mode", "sharpness", "adversarial_sharpness", "adversarial_rho", "interpolation", "surface",
-            "density", "curvature_track", "per_layer")
+            "density", "curvature_track", "per_layer", "provenance")
     stats = group_stats(result.entries)
     return json_safe({
         "version": version,
         "dataset": dataset,
         "settings": settings.to_dict(),
         "notes": list(getattr(result, "notes", [])),
+        "groups": getattr(result, "groups", {}),
         "methods": stats,
         "conclusion": conclusion(stats),
         "kendall_tau": kendall(result.entries) if len(result.entries) >= 3 else {},
@@ -122,6 +123,30 @@ def report_json(result: Any, settings: Any, dataset: str, version: str) -> dict[
         "reused": result.reused,
         "seconds": result.seconds,
     })
+
+
+PROVENANCE_COLUMNS = ("checkpoint", "checkpoint sha256", "group", "seed", "samples", "sample indices sha256",
+                      "train data sha256", "user code", "flatness / torch / python", "device", "accepted changes")
+
+
+def provenance_table(entries: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """One row per checkpoint: what produced each number of the report (DESIGN.md section 9)."""
+    rows = []
+    for e in entries:
+        p = e.get("provenance") or {}
+        run = p.get("run") or {}
+        samples = p.get("samples") or {}
+        code = [f"{role}: {Path(r['file']).name}@{r['sha256'][:12]}" for role, r in (run.get("code") or {}).items() if "sha256" in r]
+        v = p.get("versions") or {}
+        rows.append([
+            str(e.get("path")), str((p.get("checkpoint") or {}).get("sha256", ""))[:16], str(e.get("group")), str(e.get("seed")),
+            f"{samples.get('count')} of {samples.get('of')} ({samples.get('split')}: {samples.get('description', '')})",
+            str(samples.get("indices_sha256", ""))[:16],
+            str(((run.get("data") or {}).get("train") or {}).get("sha256", "not recorded"))[:16],
+            "; ".join(code) or "built-in", f"{v.get('flatness')} / {v.get('torch')} / {v.get('python')}", str(p.get("device")),
+            "; ".join(p.get("accepted_changes") or []) or "none",
+        ])
+    return list(PROVENANCE_COLUMNS), rows
 
 
 def _pm(cell: dict[str, Any] | None, digits: int = 3) -> str:
@@ -257,6 +282,8 @@ def write_reports(result: Any, settings: Any, figures: dict[str, Path], *, datas
         md += ["", "## Budget", "", "```", budget, "```"]
     for title, path in figures.items():
         md += ["", f"## {title}", "", f"![{title}]({path.name})"]
+    prov_head, prov_rows = provenance_table(result.entries)
+    md += ["", "## Provenance", ""] + _md_table(prov_head, prov_rows)
     md += ["", "## Settings", "", "```json", settings_text, "```", ""]
     atomic_write_text(out / "report.md", "\n".join(md))
     atomic_write_text(out / "report.html", _html_page(result, rows, sections, budget, figures, settings_text, dataset, version))
@@ -296,6 +323,7 @@ def _html_page(result: Any, rows: list[dict[str, Any]], sections: list, budget: 
 {''.join(extra)}
 {budget_html}
 {''.join(figs)}
+<h2>Provenance</h2>{_html_table(*provenance_table(result.entries))}
 <h2>Settings</h2><pre>{html.escape(settings_text)}</pre>
 <script>{SORT_JS}</script>
 </body></html>

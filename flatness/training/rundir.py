@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -15,11 +13,11 @@ from typing import Any
 
 from flatness.atomic import atomic_write_text
 from flatness.errors import FlatnessError
+from flatness.locks import LOCK_NAME, folder_lock
 
 # Settings that may change between a run and its resume: bookkeeping that does not change the
 # numbers, and ``epochs`` (only with ``replan_schedule``, checked by the trainer).
 RESUMABLE_CHANGES = ("epochs", "updates", "data_epochs", "save_every", "keep_epochs")
-LOCK_NAME = ".lock"
 
 
 @dataclass(frozen=True)
@@ -158,20 +156,12 @@ def _check_existing(run: RunDir, *, resume: bool, force: bool) -> bool:
 @contextlib.contextmanager
 def _locked(run: RunDir) -> Iterator[None]:
     """Exclusive ``flock`` on the run's lock file (released when the process ends, even by SIGKILL)."""
-    try:
-        fd = os.open(run.lock, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
-    except OSError as e:
-        raise FlatnessError(f"cannot write to run directory {run.root}: {e.strerror}; make it writable or train into another --out") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FlatnessError(
-                f"run directory {run.root} is in use by another flatness train (lock {run.lock}); wait for it to finish"
-            ) from None
+    with folder_lock(
+        run.root,
+        busy=f"run directory {run.root} is in use by another flatness train (lock {run.lock}); wait for it to finish",
+        unwritable=f"cannot write to run directory {run.root}: {{reason}}; make it writable or train into another --out",
+    ):
         yield
-    finally:
-        os.close(fd)
 
 
 def check_writable(run: RunDir) -> None:

@@ -65,7 +65,7 @@ ROWS = [
         r"cannot read CIFAR batch .*data_batch_1"),
     row("train-existing-out", TRAIN + ["--out", "run"], r"run directory run already exists; pass --resume .* or --force"),
     row("train-force-foreign-folder", TRAIN + ["--out", "cifar_partial", "--force"], r"not a flatness run directory .*refusing to delete"),
-    row("train-resume-other-settings", TRAIN + ["--out", "run", "--resume", "--lr", "0.5"], r"settings differ .*lr: 0\.1 -> 0\.5"),
+    row("train-resume-other-settings", TRAIN + ["--out", "run", "--resume", "--lr", "0.5"], r"the run in run has --lr 0\.1, but 0\.5 was typed"),
     row("train-resume-truncated-last", TRAIN + ["--out", "run_truncated", "--resume"], r"last\.pt cannot be read: it is truncated"),
     row("train-resume-foreign-last", TRAIN + ["--out", "run_foreign_last", "--resume"], r"last\.pt is not a training checkpoint \(it lacks optimizer"),
     row("train-resume-broken-config", TRAIN + ["--out", "run_broken_config", "--resume"], r"config\.json: setting 'lr' must be a float, got 'fast'"),
@@ -203,6 +203,32 @@ ROWS = [
     row("demo-samples-0", ["demo", "--out", "d", "--samples", "0", "--device", "cpu", "--quiet"], r"--samples"),
     row("demo-unknown-device", ["demo", "--out", "d", "--device", "tpu", "--quiet"], r"tpu"),
     row("no-command", ["frobnicate"], r"frobnicate|invalid choice"),
+    # --- provenance (issue 21) ---------------------------------------------------------------------
+    row("train-resume-typed-default-lr", ["train", "--out", "run_sam", "--resume", "--lr", "0.1"], r"run_sam has --lr 0\.05, but 0\.1 was typed"),
+    row("train-resume-typed-default-seed", ["train", "--out", "run_sam", "--resume", "--seed", "0"], r"has --seed 3, but 0 was typed"),
+    row("train-resume-typed-default-method", ["train", "--out", "run_sam", "--resume", "--method", "sgd"], r"has --method 'sam', but 'sgd'"),
+    row("train-resume-tracking-off", ["train", "--out", "run_sam", "--resume", "--track-curvature", "0"], r"has --track-curvature 2, but 0"),
+    row("train-resume-abbreviated-flag", ["train", "--out", "run_sam", "--resume", "--mom", "0.8"], r"has --momentum 0\.9, but 0\.8"),
+    row("train-resume-longer-epochs", ["train", "--out", "run", "--resume", "--epochs", "3"], r"planned for --epochs 1 .*--replan-schedule"),
+    row("train-replan-without-resume", TRAIN + ["--replan-schedule", "--out", "new"], r"--replan-schedule .* needs --resume"),
+    row("train-allow-changed-without-resume", TRAIN + ["--allow-changed", "data", "--out", "new"], r"--allow-changed .* needs --resume"),
+    row("train-resume-nothing-verifies", ["train", "--out", "run_corrupt", "--resume"], r"last\.pt is corrupted.*no other checkpoint .* verifies"),
+    row("train-resume-changed-data", ["train", "--out", "run_user", "--resume"], r"'mine\.py:data' now gives other train samples"),
+    row("hessian-flipped-low-bit", HESSIAN + ["flipped_low.pt", "--out", "h.json"], r"flipped_low\.pt is corrupted: its content does not match"),
+    row("hessian-flipped-exponent", HESSIAN + ["flipped_exp.pt", "--out", "h.json"], r"flipped_exp\.pt is corrupted"),
+    row("surface-flipped-low-bit", SURFACE + ["flipped_low.pt", *X, "--out", "s.h5"], r"flipped_low\.pt is corrupted"),
+    row("compare-flipped-exponent", COMPARE + ["flipped_exp.pt", "--out", "rep"], r"flipped_exp\.pt is corrupted"),
+    row("hessian-foreign-nan", HESSIAN + ["plain_nan.pt", "--model", "cnn1d", "--data", "synthetic", "--out", "h.json"],
+        r"plain_nan\.pt holds non-finite weights"),
+    row("hessian-changed-data", HESSIAN + ["run_user", "--out", "h.json"], r"now gives other train samples .*--allow-changed data"),
+    row("hessian-changed-code", HESSIAN + ["run_user_code", "--out", "h.json"], r"model code .*mine_code\.py differs .*--allow-changed code"),
+    row("hessian-allow-changed-unknown", HESSIAN + ["cnn1d.pt", "--allow-changed", "weights", "--out", "h.json"],
+        r"unknown --allow-changed 'weights'; expected one of code, data"),
+    row("hessian-val-without-split", HESSIAN + ["run", "--split", "val", "--out", "h.json"], r"trained without --val-split"),
+    row("surface-val-without-split", SURFACE + ["run", "--split", "val", *X, "--out", "s.h5"], r"trained without --val-split"),
+    row("compare-val-without-split", COMPARE + ["run", "--split", "val", "--out", "rep"], r"trained without --val-split"),
+    row("hessian-samples-beyond-trained-on", HESSIAN + ["run_val", "--samples", "250", "--out", "h.json"],
+        r"--samples 250 is more than the 200 samples of the train split \(samples the run trained on\)"),
 ]
 
 
@@ -267,6 +293,8 @@ def _build_inputs(root: Path) -> None:
     cfg = json.loads((root / "run_broken_config" / "config.json").read_text())
     (root / "run_broken_config" / "config.json").write_text(json.dumps({**cfg, "lr": "fast"}))
 
+    _provenance_inputs(root)
+
     (root / "report").mkdir()
     (root / "report" / "report.json").write_text("{}\n")
     (root / "report" / "report.html").write_text("<html>an earlier report</html>\n")
@@ -281,6 +309,48 @@ def _build_inputs(root: Path) -> None:
     garbage.mkdir(parents=True)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         (garbage / name).write_text("these are not pickles\n")
+
+
+USER_CODE = """
+from pathlib import Path
+import torch
+
+def build(**kw):
+    return torch.nn.Linear(40, 10)
+
+def data():
+    x, y = torch.load(Path(__file__).with_name("points.pt"))
+    return (x[:96], y[:96]), (x[96:], y[96:])
+"""
+
+
+def _provenance_inputs(root: Path) -> None:
+    """Runs and checkpoints for the provenance rows: a SAM run, damaged files, user code and data changed after training."""
+    from tests.reliability.corrupt import flip_byte
+
+    _cli_ok(root, *TRAIN[:5], "--epochs", "1", "--batch-size", "64", "--method", "sam", "--lr", "0.05", "--seed", "3",
+            "--momentum", "0.9", "--track-curvature", "2", "--track-samples", "16", "--device", "cpu", "--quiet", "--out", "run_sam")
+    _cli_ok(root, *TRAIN[:5], "--epochs", "1", "--batch-size", "64", "--val-split", "56", "--device", "cpu", "--quiet", "--out", "run_val")
+    shutil.copy(root / "cnn1d.pt", root / "flipped_low.pt")
+    flip_byte(root / "flipped_low.pt", "state_dict", "features.0.weight", byte=0, mask=0x01)
+    shutil.copy(root / "cnn1d.pt", root / "flipped_exp.pt")
+    flip_byte(root / "flipped_exp.pt", "state_dict", "features.0.weight", byte=3, mask=0x40)
+    state = torch.load(root / "plain.pt", weights_only=True)
+    next(iter(state.values())).view(-1)[0] = float("inf")
+    torch.save(state, root / "plain_nan.pt")
+    shutil.copytree(root / "run", root / "run_corrupt")
+    for ckpt in [root / "run_corrupt" / "final.pt", root / "run_corrupt" / "checkpoints" / "last.pt"]:
+        flip_byte(ckpt, "state_dict", "net.0.weight", byte=1, mask=0x10)
+    g = torch.Generator().manual_seed(0)
+    torch.save((torch.randn(128, 40, generator=g), torch.randint(0, 10, (128,), generator=g)), root / "points.pt")
+    (root / "mine.py").write_text(USER_CODE)
+    (root / "mine_code.py").write_text(USER_CODE)
+    for spec, out in (("mine.py", "run_user"), ("mine_code.py", "run_user_code")):
+        _cli_ok(root, "train", "--model", f"{spec}:build", "--data", f"{spec}:data", "--epochs", "1", "--batch-size", "32",
+                "--device", "cpu", "--quiet", "--out", out)
+    g = torch.Generator().manual_seed(1)  # after training: other samples of the same shapes, and edited code
+    torch.save((torch.randn(128, 40, generator=g), torch.randint(0, 10, (128,), generator=g)), root / "points.pt")
+    (root / "mine_code.py").write_text(USER_CODE + "\n# edited after training\n")
 
 
 def _snapshot(root: Path) -> dict[str, str]:

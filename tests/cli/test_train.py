@@ -220,17 +220,20 @@ def test_second_train_on_a_running_run_is_refused(tmp_path: Path) -> None:
 
 
 def test_tracked_lambda_max_equals_flatness_hessian_on_the_checkpoint(tmp_path: Path) -> None:
-    """Issue 17: the lambda_max tracked at update s is what ``flatness hessian`` measures on the checkpoint of update s."""
+    """Issue 17: the lambda_max tracked at update s is what ``flatness hessian`` measures on the checkpoint of update s.
+
+    Issue 21: with a validation split, both take the first samples the run TRAINED on (never held-out ones).
+    """
     import json
 
     run = tmp_path / "run"
-    # synthetic: 256 samples, batch 64 -> 4 updates per epoch; the epoch checkpoints hold updates 4 and 8
+    # synthetic: 256 samples, 64 held out, batch 64 -> 3 updates per epoch; the epoch checkpoints hold updates 3 and 6
     r = run_cli("train", "--model", "cnn1d", "--data", "synthetic", "--batch-size", "64", "--epochs", "2", "--quiet", "--device", "cpu",
-                "--track-curvature", "2", "--track-samples", "100", "--save-every", "2", "--out", str(run))
+                "--track-curvature", "3", "--track-samples", "100", "--save-every", "3", "--val-split", "64", "--out", str(run))
     assert r.returncode == 0, r.stderr
     rows = {row["step"]: row for row in map(json.loads, (run / "curvature.jsonl").read_text().splitlines())}
-    assert sorted(rows) == [2, 4, 6, 8]
-    for ckpt, step in ((run / "checkpoints" / "epoch_0001.pt", 4), (run / "final.pt", 8)):
+    assert sorted(rows) == [3, 6]
+    for ckpt, step in ((run / "checkpoints" / "epoch_0001.pt", 3), (run / "final.pt", 6)):
         assert read_checkpoint_file(ckpt)["step"] == step
         out = tmp_path / f"h{step}.json"
         r = run_cli("hessian", str(ckpt), "--out", str(out), "--top-k", "1", "--samples", "100", "--tol", "1e-7", "--quiet", "--device", "cpu")

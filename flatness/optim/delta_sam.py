@@ -224,23 +224,53 @@ class DeltaSAM(PerturbedOptimizer):
                     p.copy_(b)
         return torch.stack(probes)
 
+    def _no_closure_message(self) -> str:
+        return (
+            "DeltaSAM.step() needs a closure that runs the forward pass only and returns "
+            "per-sample losses: it runs num_perturbations + 2 forward passes per update (probes, "
+            "w, w + eps), so a trainer that back-propagates and then calls optimizer.step() "
+            "(Hugging Face Trainer, Lightning with manual backward) would train a different "
+            "method; pass step(closure), use flatness.integrations.hf (Hugging Face Trainer) or "
+            "flatness.integrations.lightning (Lightning), or run the custom-loop route "
+            "(probe_losses(closure), the reweighted backward at w, first_step(), the backward at "
+            "w + eps, second_step())"
+        )
+
     @torch.no_grad()
     def step(self, closure: PerSampleClosure | None = None) -> Tensor:  # type: ignore[override]
-        """One delta-SAM update on the current batch; returns the mean clean loss."""
+        """One delta-SAM update on the current batch; returns the mean clean loss.
+
+        Raises:
+            TypeError: no closure.
+            ValueError: gradients already accumulated in ``.grad``, or a closure
+                that does not return per-sample losses.
+
+        An exception in the closure (any of its calls; ``KeyboardInterrupt``
+        included) undoes the step, as for :meth:`PerturbedOptimizer.step`.
+        """
         if closure is None:
-            raise TypeError(
-                "DeltaSAM.step() needs a closure that returns per-sample losses (forward only)"
+            raise TypeError(self._no_closure_message())
+        if self._perturbed:
+            raise RuntimeError(
+                "step() called between first_step() and second_step(); finish the step "
+                "with second_step() or abandon it with cancel_step()"
             )
+        self._refuse_accumulated()
+        undo = self._save_undo()
         self.last_step_updated = False
-        probes = self.probe_losses(closure)
-        self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            losses = self._per_sample(closure())
-            self._check_no_backward()
-            weights = instance_weights(probes, losses.detach(), self.param_groups[0]["temperature"])
-            self._backward((weights.to(losses.dtype) * losses).mean())
-        self.first_step()
-        with torch.enable_grad(), disable_running_stats(self.model):
-            self._backward(self._per_sample(closure()).mean())
+        try:
+            probes = self.probe_losses(closure)
+            self.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                losses = self._per_sample(closure())
+                self._check_no_backward()
+                weights = instance_weights(probes, losses.detach(), self.param_groups[0]["temperature"])
+                self._backward((weights.to(losses.dtype) * losses).mean())
+            self._first_step()
+            with torch.enable_grad(), disable_running_stats(self.model):
+                self._backward(self._per_sample(closure()).mean())
+        except BaseException:
+            self._rollback(undo)
+            raise
         self.second_step()
         return losses.detach().mean()

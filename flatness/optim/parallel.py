@@ -315,25 +315,55 @@ class ParallelMARWP(PerturbedOptimizer):
                 sq[p] = torch.zeros_like(self.state[p]["fisher"])
         return sq
 
+    def _no_closure_message(self) -> str:
+        name = type(self).__name__
+        return (
+            f"{name}.step() needs a closure that runs forward + backward and returns the loss: "
+            "each rank runs its own pass (at w or at w + eps) inside step(), so a trainer that "
+            "back-propagates and then calls optimizer.step() (Hugging Face Trainer, Lightning "
+            "with manual backward) cannot drive it; pass step(closure) (the flatness.integrations "
+            f"hf / lightning adapters and first_step() / second_step() serve MARWP, not {name})"
+        )
+
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        """One update: this rank's pass, one all-reduce, the same step everywhere."""
+        """One update: this rank's pass, one all-reduce, the same step everywhere.
+
+        Raises:
+            TypeError: no closure.
+            ValueError: gradients already accumulated in ``.grad`` (see
+                docs/methods.md, "Gradient accumulation").
+
+        If the closure raises (``KeyboardInterrupt`` included), this rank's
+        weights and state are restored as for :meth:`PerturbedOptimizer.step`
+        and the exception propagates before the all-reduce: the other ranks
+        then wait in theirs, so either every rank skips the step together (the
+        same exception on all ranks, e.g. a batch too large everywhere) or the
+        job must be torn down.
+        """
         if closure is None:
-            raise TypeError("ParallelMARWP.step() needs a closure that runs forward + backward")
+            raise TypeError(self._no_closure_message())
+        self._refuse_accumulated()
         closure = torch.enable_grad()(closure)
         if not self._buckets:
-            self._build_layout()
+            self._build_layout()  # creates the accumulators: before the undo point
+        undo = self._save_undo()
         self.last_step_updated = False
         self.zero_grad(set_to_none=True)
-        if self.role == "perturbed":
-            self._perturb()  # advances the noise counter
-            with disable_running_stats(self.model):
+        try:
+            if self.role == "perturbed":
+                self._perturb()  # advances the noise counter
+                with disable_running_stats(self.model):
+                    loss = closure()
+            else:
+                self.rng.next_draw()  # keep the draw counter equal on all ranks
                 loss = closure()
+        except BaseException:
+            self._rollback(undo)
+            raise
+        if self._perturbed:
             self._restore()
             self._perturbed = []
-        else:
-            self.rng.next_draw()  # keep the draw counter equal on all ranks
-            loss = closure()
         self._pack(self._local_sq())
         # Buckets are created in the same order on every rank (layout order).
         for bucket in self._buckets.values():
@@ -342,6 +372,7 @@ class ParallelMARWP(PerturbedOptimizer):
         self._base_step()
         self.num_updates += 1
         self.last_step_updated = True
+        self._mark_grads()
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -352,6 +383,11 @@ class ParallelMARWP(PerturbedOptimizer):
 
     def first_step(self) -> None:
         raise NotImplementedError("ParallelMARWP has no first_step(); use step(closure)")
+
+    def cancel_step(self) -> None:
+        raise NotImplementedError(
+            "ParallelMARWP has no cancel_step(): step(closure) undoes itself when the closure raises"
+        )
 
     def second_step(self) -> None:
         raise NotImplementedError("ParallelMARWP has no second_step(); use step(closure)")

@@ -19,13 +19,16 @@ stashing, BatchNorm handling, the base-optimizer step, checkpointing; see
 * :class:`RandomPerturbation` - RWP / ARWP (Li et al., TMLR 2024), filter-wise
   Gaussian noise, see :mod:`flatness.optim.noise`.
 
-A perturbation writes :math:`w + \epsilon` into the parameters in place and an
-exact copy of :math:`w` into the backups the wrapper hands it; the wrapper
-restores :math:`w` by copying the backups back, so the round trip is exact.
-A perturbation with ``can_swap`` (the random ones) can instead leave the
+The wrapper hands a perturbation backups that already hold an exact copy of
+:math:`w` (it copies them *before* calling :meth:`Perturbation.perturb_`); the
+perturbation may use the parameters as scratch space and leaves
+:math:`w + \epsilon` in them; the wrapper restores :math:`w` by copying the
+backups back, so the round trip is exact - also when the perturbation is
+interrupted half way (an out-of-memory error, a ``KeyboardInterrupt``). A
+perturbation with ``can_swap`` (the random ones) can instead leave the
 parameters alone and write :math:`w + \epsilon` into the backups
 (``Slice.swap``); the wrapper then swaps the storages, so :math:`w` is never
-copied and is restored exactly by swapping back.
+copied and is restored exactly by swapping back (``Slice.originals``).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .noise import filterwise_noise_, filterwise_noise_into, fisher_like, update_fisher_
+from .noise import filterwise_noise_into, fisher_like, update_fisher_
 from .rng import NoiseGenerators
 
 
@@ -55,6 +58,9 @@ class Slice:
     #: Write w + eps into ``backups`` and leave ``params`` at w; the wrapper then
     #: swaps the storages (only for perturbations with ``can_swap``).
     swap: bool = False
+    #: With ``swap``: the parameters' own storages (w), one per parameter swapped
+    #: so far, in ``params`` order; swapping back restores exactly these.
+    originals: list[Tensor] = field(default_factory=list)
 
 
 class Perturbation:
@@ -72,7 +78,12 @@ class Perturbation:
     can_swap: ClassVar[bool] = False
 
     def perturb_(self, slices: Sequence[Slice], rng: NoiseGenerators) -> None:
-        """Write :math:`w` into ``slice.backups`` and :math:`w+\\epsilon` into ``slice.params``."""
+        """Leave :math:`w+\\epsilon` in ``slice.params`` (``slice.swap``: in ``slice.backups``).
+
+        Without ``swap`` the backups already hold an exact copy of :math:`w` on
+        entry and must not be changed; the parameters may serve as scratch
+        space. With ``swap`` the parameters are read only.
+        """
         raise NotImplementedError
 
     def observe_(self, slices: Sequence[Slice], inv_scale: Tensor | None) -> None:
@@ -105,20 +116,19 @@ class GradientPerturbation(Perturbation):
         slices = [s for s in slices if s.params]
         if not slices:
             return
-        # Backups double as scratch space for T_w before they receive w.
+        # The backups hold w; the parameters double as scratch space for T_w.
         for s in slices:
             if not self._is_adaptive(s.group):
                 continue
             eta = s.group["adaptive_eta"]
             if s.foreach:
-                torch._foreach_copy_(s.backups, s.params)
-                torch._foreach_abs_(s.backups)
-                torch._foreach_add_(s.backups, eta)
-                torch._foreach_mul_(s.grads, s.backups)
+                torch._foreach_abs_(s.params)
+                torch._foreach_add_(s.params, eta)
+                torch._foreach_mul_(s.grads, s.params)
             else:
-                for p, b, g in zip(s.params, s.backups, s.grads):
-                    torch.abs(p, out=b).add_(eta)
-                    g.mul_(b)
+                for p, g in zip(s.params, s.grads):
+                    p.abs_().add_(eta)
+                    g.mul_(p)
         device = slices[0].params[0].device
         norms: list[Tensor] = []
         for s in slices:
@@ -132,16 +142,16 @@ class GradientPerturbation(Perturbation):
             adaptive = self._is_adaptive(s.group)
             if s.foreach:
                 if adaptive:
-                    torch._foreach_mul_(s.grads, s.backups)
+                    torch._foreach_mul_(s.grads, s.params)
+                    torch._foreach_copy_(s.params, s.backups)
                 torch._foreach_mul_(s.grads, scale)
-                torch._foreach_copy_(s.backups, s.params)
                 torch._foreach_add_(s.params, s.grads)
             else:
                 for p, b, g in zip(s.params, s.backups, s.grads):
                     if adaptive:
-                        g.mul_(b)
+                        g.mul_(p)
+                        p.copy_(b)
                     g.mul_(scale.to(g.device))
-                    b.copy_(p)
                     p.add_(g)
 
 
@@ -173,9 +183,11 @@ class RandomPerturbation(Perturbation):
             if not s.params:
                 continue
             fisher = self._fisher(s) if self.adaptive else None
-            (filterwise_noise_into if s.swap else filterwise_noise_)(
-                s.params,
-                s.backups,
+            # swap: params (w) -> backups (w + eps); copy: backups (w) -> params.
+            source, target = (s.params, s.backups) if s.swap else (s.backups, s.params)
+            filterwise_noise_into(
+                source,
+                target,
                 sigma=s.group["sigma"],
                 fisher=fisher,
                 eta=s.group["eta"] if self.adaptive else 0.0,

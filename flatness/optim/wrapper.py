@@ -77,7 +77,9 @@ How :math:`w` survives the perturbed pass:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -103,6 +105,17 @@ def _owns_storage(p: Tensor) -> bool:
         and p.is_contiguous()
         and p.untyped_storage().nbytes() == p.numel() * p.element_size()
     )
+
+
+@dataclass
+class _Undo:
+    """What a step may change before its update is applied: enough to roll it back."""
+
+    rng: dict[str, int]
+    phase: int
+    clean: dict[Tensor, Tensor]
+    last_step_updated: bool
+    state_keys: dict[Tensor, tuple[str, ...]]
 
 
 def _default_foreach(params: list[Tensor]) -> bool:
@@ -193,6 +206,10 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self._backups: dict[Tensor, Tensor] = {}
         self._clean: dict[Tensor, Tensor] = {}
         self._perturbed: list[Slice] = []
+        self._cancel: _Undo | None = None  # set by first_step(), for cancel_step()
+        # The gradients step() / second_step() / zero_grad() left in .grad, with
+        # their version counters: anything else found there was accumulated.
+        self._grad_marks: dict[Tensor, tuple[weakref.ref, int]] = {}
 
     # ------------------------------------------------------------------ helpers
     def _foreach(self, group: dict[str, Any], params: list[Tensor]) -> bool:
@@ -275,23 +292,31 @@ class PerturbedOptimizer(torch.optim.Optimizer):
                     swap=self._swap(params),
                 )
             )
+        for s in slices:  # copy path: w goes into the backups before anything moves
+            if s.params and not s.swap:
+                if s.foreach:
+                    torch._foreach_copy_(s.backups, s.params)
+                else:
+                    for p, b in zip(s.params, s.backups):
+                        b.copy_(p)
+        # From here on _restore() brings w back exactly, however far the rest got.
+        self._perturbed = slices
         self.rng.next_draw()
         self.perturbation.perturb_(slices, self.rng)
         for s in slices:
-            if s.swap:  # params -> the buffers holding w + eps; backups -> w
-                for i, p in enumerate(s.params):
-                    w = p.data
-                    p.data = s.backups[i]
-                    s.backups[i] = w
-        self._perturbed = slices
+            if s.swap:  # params -> the buffers holding w + eps; originals keep w
+                for p, buf in zip(s.params, s.backups):
+                    s.originals.append(p.data)
+                    p.data = buf
         self.zero_grad(set_to_none=True)
 
     def _restore(self) -> None:
+        """Bring back w exactly (idempotent: safe to repeat after an interruption)."""
         for s in self._perturbed:
             if not s.params:
                 continue
             if s.swap:
-                for p, w in zip(s.params, s.backups):
+                for p, w in zip(s.params, s.originals):
                     p.data = w
             elif s.foreach:
                 torch._foreach_copy_(s.params, s.backups)
@@ -299,9 +324,9 @@ class PerturbedOptimizer(torch.optim.Optimizer):
                 for p, b in zip(s.params, s.backups):
                     p.copy_(b)
 
-    def _observe(self) -> None:
+    def _observe(self, perturbed: list[Slice]) -> None:
         slices = []
-        for s in self._perturbed:
+        for s in perturbed:
             keep = [i for i, p in enumerate(s.params) if p.grad is not None]
             slices.append(
                 Slice(
@@ -344,34 +369,229 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         else:
             self.base_optimizer.step()
 
+    # ------------------------------------------- accumulation and no-closure checks
+    def _mark_grads(self) -> None:
+        """Remember the gradients now in ``.grad`` (object and version counter)."""
+        self._grad_marks = {
+            p: (weakref.ref(p.grad), p.grad._version)
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        }
+
+    def _grad_origin(self, p: Tensor, grad: Tensor) -> str:
+        """``"left"``: a gradient this optimizer left in ``.grad``, untouched since;
+        ``"touched"``: such a gradient, back-propagated into (or changed) since;
+        ``"new"``: any other tensor. Reads Python objects and version counters
+        only: no host synchronisation."""
+        mark = self._grad_marks.get(p)
+        if mark is None or mark[0]() is not grad:
+            return "new"
+        return "left" if mark[1] == grad._version else "touched"
+
+    def _has_grads(self, origins: tuple[str, ...]) -> bool:
+        return any(
+            p.grad is not None and self._grad_origin(p, p.grad) in origins
+            for group in self.param_groups
+            for p in group["params"]
+        )
+
+    def _single_pass(self) -> bool:
+        return not self.perturbation.uses_gradient and not self.mixing
+
+    def _accumulation_recipe(self) -> str:
+        if self._single_pass():
+            return (
+                "first_step() once, then forward + backward of every micro-batch (at w + eps), "
+                "then second_step()"
+            )
+        return (
+            "forward + backward of every micro-batch (at w), first_step(), forward + backward "
+            "of every micro-batch again (at w + eps, under disable_running_stats(model)), "
+            "second_step()"
+        )
+
+    def _refuse_accumulated(self) -> None:
+        """``step(closure)`` runs every pass itself: gradients already in ``.grad``
+        (other than the ones the last update left there) would be dropped."""
+        if not self._has_grads(("new", "touched")):
+            return
+        name = type(self).__name__
+        raise ValueError(
+            f"{name}.step(closure) found gradients accumulated in .grad before it was called "
+            "(gradient accumulation, e.g. micro-batches back-propagated before step() or "
+            "Lightning's accumulate_grad_batches > 1): a two-pass method cannot reuse gradients "
+            "computed at w for its pass at w + eps, and it will not drop them silently; call "
+            "opt.zero_grad() before step(closure) and let the closure run the whole batch, or "
+            f"accumulate by hand with opt.zero_grad(), {self._accumulation_recipe()} "
+            "(docs/methods.md, 'Gradient accumulation')"
+        )
+
+    def _check_grads_at_first_step(self) -> None:
+        name = type(self).__name__
+        if self._single_pass():
+            if self._has_grads(("new", "touched")):
+                raise ValueError(
+                    f"{name}.first_step() found gradients in .grad: it perturbs the weights "
+                    "before the forward pass, so gradients computed at w would be dropped; call "
+                    f"opt.zero_grad() first, then {self._accumulation_recipe()}"
+                )
+        elif self._has_grads(("touched",)):
+            raise ValueError(
+                f"{name}.first_step(): the gradients that the last update left in .grad were "
+                "back-propagated into again, so they hold the previous update's gradient plus "
+                "this batch's; call opt.zero_grad() before the backward pass at w"
+            )
+
+    def _no_closure_message(self) -> str:
+        name = type(self).__name__
+        if self._single_pass():
+            why = "it must perturb the weights before the forward pass"
+            manual = "call first_step() before the forward pass and second_step() after backward"
+        else:
+            why = "it runs two forward + backward passes per update (at w and at w + eps)"
+            manual = (
+                "call first_step() after the backward pass at w and second_step() after the "
+                "backward pass at w + eps"
+            )
+        return (
+            f"{name}.step() needs a closure: {why}, so a trainer that back-propagates and then "
+            "calls optimizer.step() (Hugging Face Trainer, Lightning with manual backward, "
+            "most hand-written loops) would train a different method; pass step(closure) with a "
+            "closure that runs forward + backward and returns the loss, use "
+            "flatness.integrations.hf (Hugging Face Trainer) or flatness.integrations.lightning "
+            f"(Lightning), or {manual}"
+        )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``; ``step`` then accepts the zeroed ``.grad``
+        (``set_to_none=False``) as not accumulated."""
+        super().zero_grad(set_to_none=set_to_none)
+        self._mark_grads()
+
+    # -------------------------------------------------------- undo on error
+    def _save_undo(self) -> _Undo:
+        return _Undo(
+            rng=self.rng.state_dict(),
+            phase=self._phase,
+            clean=self._clean,
+            last_step_updated=self.last_step_updated,
+            state_keys={p: tuple(state) for p, state in self.state.items()},
+        )
+
+    def _rollback(self, undo: _Undo) -> None:
+        """Return to ``undo``: w on its own storage, bitwise; counters, noise stream,
+        stashed gradient and per-parameter state as they were; ``.grad`` cleared.
+
+        Only state that changes before the update is applied needs undoing: the
+        base optimizer, the ARWP accumulators, the scaler and ``num_updates``
+        change after the last closure call has returned.
+        """
+        if self._perturbed:
+            self._restore()
+            self._perturbed = []
+        self._cancel = None
+        self.rng.load_state_dict(undo.rng)
+        self._phase = undo.phase
+        self._clean = undo.clean
+        self.last_step_updated = undo.last_step_updated
+        for p in list(self.state):
+            keys = undo.state_keys.get(p)
+            if keys is None:  # created by the abandoned step (lazy accumulators)
+                del self.state[p]
+                continue
+            state = self.state[p]
+            for key in [k for k in state if k not in keys]:
+                del state[key]
+        self.zero_grad(set_to_none=True)
+
+    # -------------------------------------------------------------- the steps
+    def _first_step(self) -> None:
+        if self.mixing:
+            self._stash_clean_grads()
+        self._perturb()
+
     @torch.no_grad()
     def first_step(self) -> None:
         """Move from :math:`w` to :math:`w + \\epsilon`; consumes the gradients.
 
         For gradient-based methods (SAM family) call it after the clean
         backward pass; for m-(A)RWP it also stashes the clean gradient; for
-        single-pass RWP/ARWP call it before the (only) forward pass.
+        single-pass RWP/ARWP call it before the (only) forward pass, with no
+        gradient in ``.grad``. Gradients accumulated over several micro-batches
+        are fine: first_step() uses whatever ``.grad`` holds (see
+        docs/methods.md, "Gradient accumulation").
+
+        To abandon the step before :meth:`second_step` (an exception in your
+        forward pass, a smaller batch to retry), call :meth:`cancel_step`.
+
+        Raises:
+            RuntimeError: a step begun by first_step() is still in progress.
+            ValueError: RWP/ARWP found gradients in ``.grad`` (they would be
+                dropped); SAM-family / m-(A)RWP found that the gradient the last
+                update left in ``.grad`` was back-propagated into without
+                ``zero_grad()``.
         """
         if self._perturbed:
-            raise RuntimeError("first_step() called twice without second_step() in between")
-        if self.mixing:
-            self._stash_clean_grads()
-        self._perturb()
+            raise RuntimeError(
+                "first_step() called twice without second_step() in between "
+                "(cancel_step() abandons the step in progress)"
+            )
+        self._check_grads_at_first_step()
+        undo = self._save_undo()
+        try:
+            self._first_step()
+        except BaseException:
+            self._rollback(undo)
+            raise
+        self._cancel = undo
 
     @torch.no_grad()
     def second_step(self) -> None:
         """Restore :math:`w`, combine gradients and apply the base optimizer."""
         if not self._perturbed:
             raise RuntimeError("second_step() called without a preceding first_step()")
+        perturbed = self._perturbed
         self._restore()
-        self._observe()
+        self._perturbed = []
+        self._cancel = None
+        self._observe(perturbed)
         if self.mixing:
             self._mix()
         self._base_step()
-        self._perturbed = []
         self._clean = {}
         self.num_updates += 1
         self.last_step_updated = True
+        self._mark_grads()
+
+    @torch.no_grad()
+    def cancel_step(self) -> None:
+        """Abandon the step begun by :meth:`first_step` without updating.
+
+        Restores :math:`w` bit for bit (on the parameters' own storage), the
+        noise counter, the stashed gradient and every per-parameter state as
+        they were before first_step(), and clears ``.grad``; the next
+        first_step() / step() then behaves as if this step had never been
+        attempted. Does nothing when no step is in progress. ``step(closure)``
+        needs no call: it undoes itself when the closure raises.
+
+        Example:
+            >>> import torch
+            >>> model = torch.nn.Linear(4, 2)
+            >>> opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, rho=0.05)
+            >>> before = model.weight.detach().clone()
+            >>> model(torch.randn(8, 4)).square().mean().backward()
+            >>> opt.first_step()
+            >>> opt.cancel_step()       # e.g. the perturbed pass ran out of memory
+            >>> bool(torch.equal(model.weight, before))
+            True
+        """
+        if self._cancel is not None:
+            self._rollback(self._cancel)
+        elif self._perturbed:  # only after an interrupted second_step()
+            self._restore()
+            self._perturbed = []
+            self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
@@ -384,38 +604,66 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         Returns:
             The loss of the clean pass (the closure's value at :math:`w`); for
             single-pass RWP/ARWP the loss at :math:`w + \\epsilon`.
+
+        Raises:
+            TypeError: no closure (the message names the integrations and the
+                first_step() / second_step() route).
+            ValueError: ``.grad`` already holds accumulated gradients (see
+                docs/methods.md, "Gradient accumulation").
+
+        If the closure raises - any exception, ``KeyboardInterrupt`` included -
+        the step is undone before the exception propagates: the weights are
+        :math:`w` again, bitwise and on their own storage, and the optimizer's
+        state (noise counter, ``"alternate"`` phase and stashed gradient,
+        accumulators, counters) is what it was before the call, so
+        ``model.state_dict()`` in the handler holds :math:`w` and the next
+        ``step`` gives what it would have given had this one never been tried.
+        ``.grad`` is cleared. (BatchNorm running statistics recorded by a
+        forward pass that completed before the exception are the model's, not
+        the optimizer's, and stay recorded.)
         """
         if closure is None:
-            raise TypeError(
-                f"{type(self).__name__}.step() needs a closure that runs forward + backward "
-                "and returns the loss; or call first_step() / second_step() yourself"
+            raise TypeError(self._no_closure_message())
+        if self._perturbed:
+            raise RuntimeError(
+                "step() called between first_step() and second_step(); finish the step "
+                "with second_step() or abandon it with cancel_step()"
             )
+        self._refuse_accumulated()
         closure = torch.enable_grad()(closure)
+        undo = self._save_undo()
         self.last_step_updated = False
-        if not self.perturbation.uses_gradient and not self.mixing:
-            # Single pass (RWP/ARWP): it is the only pass, so it also records
-            # BatchNorm statistics, as in the official code.
-            self.first_step()
-            loss = closure()
-            self.second_step()
-            return loss
-        if self.mixing and self.mix_batches == "alternate":
-            if self._phase == 0:
-                self.zero_grad(set_to_none=True)
-                loss = closure()
-                self._stash_clean_grads()
-                self._phase = 1
-                return loss
-            self._perturb()
-            loss = self._perturbed_pass(closure)
-            self.second_step()
-            self._phase = 0
-            return loss
         self.zero_grad(set_to_none=True)
-        loss = closure()
-        self.first_step()
-        self._perturbed_pass(closure)
-        self.second_step()
+        alternate = self.mixing and self.mix_batches == "alternate"
+        stash_only = alternate and self._phase == 0
+        try:
+            if self._single_pass():
+                # Single pass (RWP/ARWP): it is the only pass, so it also records
+                # BatchNorm statistics, as in the official code.
+                self._perturb()
+                loss = closure()
+            elif stash_only:  # "alternate", first call of a pair: the clean pass
+                loss = closure()
+            elif alternate:  # second call of a pair: the perturbed pass
+                self._perturb()
+                loss = self._perturbed_pass(closure)
+            else:
+                loss = closure()
+                self._first_step()
+                self._perturbed_pass(closure)
+        except BaseException:
+            # try/except BaseException, not finally: KeyboardInterrupt and
+            # SystemExit must undo the step too, and success must not.
+            self._rollback(undo)
+            raise
+        if stash_only:
+            self._stash_clean_grads()
+            self._phase = 1
+            self._mark_grads()
+        else:
+            self.second_step()
+            if alternate:
+                self._phase = 0
         return loss
 
     # ------------------------------------------------------------ checkpoints
@@ -429,7 +677,8 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         if self._perturbed:
             raise RuntimeError(
                 "state_dict() called between first_step() and second_step(): the weights "
-                "are perturbed; checkpoint after second_step()"
+                "are perturbed; checkpoint after second_step(), or call cancel_step() to "
+                "abandon the step"
             )
         state = super().state_dict()
         state["base_optimizer"] = self.base_optimizer.state_dict()
@@ -460,6 +709,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self.last_step_updated = bool(wrapper["last_step_updated"])
         self.rng.load_state_dict(wrapper["rng"])
         self._perturbed = []
+        self._cancel = None
         self._clean = {}
         if wrapper["clean_grads"] is not None:
             params = [p for group in self.param_groups for p in group["params"]]

@@ -203,6 +203,7 @@ def test_step_returns_clean_loss_and_grad_holds_applied_gradient():
     x, y = batches(1)[0]
     expected = make_closure(opt, net, x, y)()
     clean_grads = [p.grad.clone() for p in net.parameters()]
+    opt.zero_grad()  # step(closure) refuses gradients left over from a pass of its own
     loss = opt.step(make_closure(opt, net, x, y))
     assert torch.equal(loss, expected)
     for p, g in zip(net.parameters(), clean_grads):

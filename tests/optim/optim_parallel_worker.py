@@ -13,7 +13,13 @@ from flatness import optim
 HYPER = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "sigma": 0.05, "lam": 0.3, "eta": 0.5, "beta": 0.9}
 
 
-def run(rank: int, world_size: int, out_dir: str, steps: int) -> None:
+class SimulatedOOM(RuntimeError):
+    pass
+
+
+def run(rank: int, world_size: int, out_dir: str, steps: int, fail_at: int | None = None) -> None:
+    """``fail_at``: at that step the closure raises on every rank (after its backward),
+    the step is retried on the same batch - the run must equal an unbroken one."""
     torch.set_num_threads(1)
     # Rendezvous through a file in the test's own folder: no port to race other processes for.
     dist.init_process_group(
@@ -26,6 +32,23 @@ def run(rank: int, world_size: int, out_dir: str, steps: int) -> None:
         for k in range(steps):
             x, y = data[world_size * k + rank]  # clean rank: batches 0, 2, ...; perturbed: 1, 3, ...
             closure = make_closure(opt, net, x, y)
+            if k == fail_at:
+                weights = [p.detach().clone() for p in net.parameters()]
+                pointers = [p.data_ptr() for p in net.parameters()]
+
+                def breaking(closure=closure):
+                    closure()
+                    raise SimulatedOOM("CUDA out of memory (simulated)")
+
+                try:
+                    opt.step(breaking)
+                except SimulatedOOM:
+                    pass
+                else:
+                    raise AssertionError("the closure's exception was swallowed")
+                assert [p.data_ptr() for p in net.parameters()] == pointers
+                assert all(torch.equal(p, w) for p, w in zip(net.parameters(), weights))
+                assert opt.rng.counter == k - 1 and opt.num_updates == k
             if k == 0:
                 opt.step(closure)
             else:

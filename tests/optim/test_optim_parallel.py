@@ -23,6 +23,28 @@ def ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
+@pytest.fixture(scope="module")
+def ranks_after_failures(tmp_path_factory):
+    """The closure raises on both ranks at the first step (accumulators just created)."""
+    out = tmp_path_factory.mktemp("parallel_fail")
+    mp.spawn(run, args=(2, str(out), STEPS, 0), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_a_failed_step_is_undone_on_every_rank(ranks, ranks_after_failures):
+    """Retrying after the exception gives bitwise the unbroken run, on both roles.
+    (BatchNorm running statistics excepted: the clean rank's forward pass before the
+    exception recorded them, as it would with any optimizer.)"""
+    for unbroken, retried in zip(ranks, ranks_after_failures):
+        for k in unbroken["model"]:
+            if "running" in k or "num_batches" in k:
+                continue
+            assert torch.equal(unbroken["model"][k], retried["model"][k]), k
+        for a, b in zip(unbroken["fisher"] + unbroken["momentum"], retried["fisher"] + retried["momentum"]):
+            assert torch.equal(a, b)
+        assert unbroken["opt"]["wrapper"] == retried["opt"]["wrapper"]
+
+
 def test_roles(ranks):
     assert [r["role"] for r in ranks] == ["clean", "perturbed"]
 

@@ -63,6 +63,13 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
 }
 MODEL_NAMES = tuple(_BUILDERS)
 
+# Keyword arguments a registry model cannot take: ``name`` is the model's own
+# name (build_model's first argument); a WideResNet's depth and width are its name.
+_RESERVED: dict[str, tuple[str, ...]] = {
+    "wrn16_8": ("name", "depth", "widen_factor"),
+    "wrn28_10": ("name", "depth", "widen_factor"),
+}
+
 # Models that take MNIST-1D-shaped input (N, 40); the others take (N, 3, 32, 32).
 SEQUENCE_MODELS = ("mlp", "cnn1d")
 
@@ -84,18 +91,21 @@ def default_model_kwargs(name: str, num_classes: int | None, input_shape: tuple[
     raise FlatnessError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
 
 
-def build_model(name: str, **kwargs: Any) -> nn.Module:
+def build_model(name: str, /, **kwargs: Any) -> nn.Module:
     """Build a model by registry name or callable spec, with keyword arguments.
 
     Args:
         name: one of :data:`MODEL_NAMES`, or ``package.module:fn`` /
             ``path/file.py:fn`` naming a callable (a class or a function)
-            that returns an ``nn.Module``.
+            that returns an ``nn.Module``. Positional only, so that a user's
+            callable may itself take a ``name`` keyword.
         **kwargs: passed to the constructor.
 
     Raises:
         FlatnessError: unknown name, a callable that cannot be imported or
-            does not return an ``nn.Module``, or kwargs the model does not take.
+            does not return an ``nn.Module``, a reserved keyword for a
+            registry model (``name``; a WideResNet's ``depth`` and
+            ``widen_factor``), or kwargs the model does not take.
     """
     if is_callable_spec(name):
         return _build_user_model(name, kwargs)
@@ -103,6 +113,12 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
         builder = _BUILDERS[name]
     except KeyError:
         raise FlatnessError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}") from None
+    for key in _RESERVED.get(name, ("name",)):
+        if key in kwargs:
+            raise FlatnessError(
+                f"model kwargs may not set {key!r} for model {name!r}: "
+                + ("the model is chosen by its name (--model), not by a keyword" if key == "name" else f"{name!r} fixes it")
+            )
     try:
         return builder(**kwargs)
     except TypeError as e:

@@ -229,6 +229,7 @@ ROWS = [
     row("compare-val-without-split", COMPARE + ["run", "--split", "val", "--out", "rep"], r"trained without --val-split"),
     row("hessian-samples-beyond-trained-on", HESSIAN + ["run_val", "--samples", "250", "--out", "h.json"],
         r"--samples 250 is more than the 200 samples of the train split \(samples the run trained on\)"),
+    row("train-model-kwargs-name", TRAIN + ["--model-kwargs", '{"name": 1}', "--out", "new"], r"model kwargs may not set 'name' for model 'mlp'"),
 ]
 
 

@@ -81,7 +81,9 @@ class RWP(PerturbedOptimizer):
     Closure contract: ``closure()`` runs forward and backward on the current
     batch and returns the loss (with ``grad_scaler``: backward of
     ``grad_scaler.scale(loss)``); the optimizer zeroes gradients before each
-    call. ``step`` returns the closure's loss at :math:`w` (mixed methods,
+    call, and refuses gradients accumulated before ``step`` (accumulate through
+    ``first_step()`` / ``second_step()``, see
+    :mod:`flatness.optim.wrapper`). ``step`` returns the closure's loss at :math:`w` (mixed methods,
     ``"same"``), at :math:`w + \epsilon` (single-pass methods), or - in
     ``"alternate"`` mode - the loss of the call's own pass (clean on the first
     call of a pair, perturbed on the second).
@@ -140,7 +142,9 @@ class ARWP(PerturbedOptimizer):
     Closure contract: ``closure()`` runs forward and backward on the current
     batch and returns the loss (with ``grad_scaler``: backward of
     ``grad_scaler.scale(loss)``); the optimizer zeroes gradients before each
-    call. ``step`` returns the closure's loss at :math:`w` (mixed methods,
+    call, and refuses gradients accumulated before ``step`` (accumulate through
+    ``first_step()`` / ``second_step()``, see
+    :mod:`flatness.optim.wrapper`). ``step`` returns the closure's loss at :math:`w` (mixed methods,
     ``"same"``), at :math:`w + \epsilon` (single-pass methods), or - in
     ``"alternate"`` mode - the loss of the call's own pass (clean on the first
     call of a pair, perturbed on the second).
@@ -200,7 +204,9 @@ class MRWP(PerturbedOptimizer):
     Closure contract: ``closure()`` runs forward and backward on the current
     batch and returns the loss (with ``grad_scaler``: backward of
     ``grad_scaler.scale(loss)``); the optimizer zeroes gradients before each
-    call. ``step`` returns the closure's loss at :math:`w` (mixed methods,
+    call, and refuses gradients accumulated before ``step`` (accumulate through
+    ``first_step()`` / ``second_step()``, see
+    :mod:`flatness.optim.wrapper`). ``step`` returns the closure's loss at :math:`w` (mixed methods,
     ``"same"``), at :math:`w + \epsilon` (single-pass methods), or - in
     ``"alternate"`` mode - the loss of the call's own pass (clean on the first
     call of a pair, perturbed on the second).
@@ -264,7 +270,9 @@ class MARWP(PerturbedOptimizer):
     Closure contract: ``closure()`` runs forward and backward on the current
     batch and returns the loss (with ``grad_scaler``: backward of
     ``grad_scaler.scale(loss)``); the optimizer zeroes gradients before each
-    call. ``step`` returns the closure's loss at :math:`w` (mixed methods,
+    call, and refuses gradients accumulated before ``step`` (accumulate through
+    ``first_step()`` / ``second_step()``, see
+    :mod:`flatness.optim.wrapper`). ``step`` returns the closure's loss at :math:`w` (mixed methods,
     ``"same"``), at :math:`w + \epsilon` (single-pass methods), or - in
     ``"alternate"`` mode - the loss of the call's own pass (clean on the first
     call of a pair, perturbed on the second).

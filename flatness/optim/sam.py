@@ -52,7 +52,9 @@ class SAM(PerturbedOptimizer):
 
     Closure contract: ``closure()`` runs forward and backward on the current
     batch and returns the loss; it is called twice per ``step``; the optimizer
-    zeroes gradients before each call. With ``grad_scaler`` it must call
+    zeroes gradients before each call, and refuses gradients accumulated before
+    ``step`` (accumulate through ``first_step()`` / ``second_step()``, see
+    :mod:`flatness.optim.wrapper`). With ``grad_scaler`` it must call
     ``grad_scaler.scale(loss).backward()``.
 
     Example:

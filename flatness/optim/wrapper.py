@@ -25,7 +25,28 @@ Gradient zeroing - who zeroes what:
   them into :math:`\epsilon` (SAM), moves to :math:`w + \epsilon`, and leaves
   every ``.grad`` as ``None``. ``second_step()`` restores :math:`w` exactly,
   combines gradients, and calls the base optimizer; it leaves ``.grad`` as the
-  applied gradient.
+  applied gradient. ``cancel_step()`` abandons a step begun by ``first_step()``.
+
+Gradient accumulation - the contract: ``step(closure)`` never uses, and never
+silently drops, gradients already in ``.grad``. At entry it accepts ``None`` or
+the very tensor it (or ``second_step()``, or ``opt.zero_grad(set_to_none=False)``)
+left there, with an unchanged autograd version counter - a Python-level check,
+no host synchronisation; anything else (micro-batches back-propagated before
+``step``, Lightning's ``accumulate_grad_batches > 1``) raises a one-line
+``ValueError`` naming accumulation. Accumulate through ``first_step()`` /
+``second_step()``, which use whatever ``.grad`` holds: backward of every
+micro-batch at :math:`w`, ``first_step()``, backward of every micro-batch at
+:math:`w + \epsilon`, ``second_step()`` (RWP/ARWP: ``first_step()``, the
+micro-batches, ``second_step()``) - exactly one step on the whole batch.
+``step()`` without a closure is a one-line ``TypeError`` naming
+``flatness.integrations.hf``, ``flatness.integrations.lightning`` and that route.
+
+Exceptions: if the closure raises (``KeyboardInterrupt`` included), ``step``
+restores :math:`w` bitwise on the parameters' own storage and its own state
+(noise counter, ``"alternate"`` phase and stash, lazily created state,
+counters), clears ``.grad`` and re-raises the same exception, with
+``try/except BaseException: rollback; raise``; the next ``step`` gives what it
+would have given had the failed one never been tried.
 
 Mixed precision: run the closure's forward under ``torch.autocast``. With a
 ``GradScaler``, pass it as ``grad_scaler=scaler`` and backpropagate
@@ -577,6 +598,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
 
         Example:
             >>> import torch
+            >>> from flatness.optim import SAM
             >>> model = torch.nn.Linear(4, 2)
             >>> opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, rho=0.05)
             >>> before = model.weight.detach().clone()

@@ -136,7 +136,9 @@ class _Undo:
     phase: int
     clean: dict[Tensor, Tensor]
     last_step_updated: bool
-    state_keys: dict[Tensor, tuple[str, ...]]
+    #: number of keys of each ``state[p]``: a step only adds keys (lazily created
+    #: accumulators), and dicts keep insertion order, so the extra ones are the last
+    state_sizes: dict[Tensor, int]
 
 
 def _default_foreach(params: list[Tensor]) -> bool:
@@ -393,12 +395,13 @@ class PerturbedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------- accumulation and no-closure checks
     def _mark_grads(self) -> None:
         """Remember the gradients now in ``.grad`` (object and version counter)."""
-        self._grad_marks = {
-            p: (weakref.ref(p.grad), p.grad._version)
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        }
+        marks = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = p.grad
+                if grad is not None:
+                    marks[p] = (weakref.ref(grad), grad._version)
+        self._grad_marks = marks
 
     def _grad_origin(self, p: Tensor, grad: Tensor) -> str:
         """``"left"``: a gradient this optimizer left in ``.grad``, untouched since;
@@ -411,11 +414,13 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         return "left" if mark[1] == grad._version else "touched"
 
     def _has_grads(self, origins: tuple[str, ...]) -> bool:
-        return any(
-            p.grad is not None and self._grad_origin(p, p.grad) in origins
-            for group in self.param_groups
-            for p in group["params"]
-        )
+        """Whether some ``.grad`` has one of these origins (see :meth:`_grad_origin`)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = p.grad
+                if grad is not None and self._grad_origin(p, grad) in origins:
+                    return True
+        return False
 
     def _single_pass(self) -> bool:
         return not self.perturbation.uses_gradient and not self.mixing
@@ -488,7 +493,10 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         """As ``torch.optim.Optimizer.zero_grad``; ``step`` then accepts the zeroed ``.grad``
         (``set_to_none=False``) as not accumulated."""
         super().zero_grad(set_to_none=set_to_none)
-        self._mark_grads()
+        if set_to_none:  # every .grad of the groups is None now
+            self._grad_marks = {}
+        else:
+            self._mark_grads()
 
     # -------------------------------------------------------- undo on error
     def _save_undo(self) -> _Undo:
@@ -497,7 +505,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             phase=self._phase,
             clean=self._clean,
             last_step_updated=self.last_step_updated,
-            state_keys={p: tuple(state) for p, state in self.state.items()},
+            state_sizes={p: len(state) for p, state in self.state.items()},
         )
 
     def _rollback(self, undo: _Undo) -> None:
@@ -517,12 +525,12 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self._clean = undo.clean
         self.last_step_updated = undo.last_step_updated
         for p in list(self.state):
-            keys = undo.state_keys.get(p)
-            if keys is None:  # created by the abandoned step (lazy accumulators)
+            size = undo.state_sizes.get(p)
+            if size is None:  # created by the abandoned step (lazy accumulators)
                 del self.state[p]
                 continue
             state = self.state[p]
-            for key in [k for k in state if k not in keys]:
+            for key in list(state)[size:]:
                 del state[key]
         self.zero_grad(set_to_none=True)
 

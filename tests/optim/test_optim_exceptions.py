@@ -285,3 +285,19 @@ def test_interrupt_inside_the_perturbation_itself_restores_w(name, swap, monkeyp
     assert [p.data_ptr() for p in net.parameters()] == pointers
     _tree_equal(opt.state_dict(), state, "optimizer")
     opt.step(make_closure(opt, net, *data[1]))  # and the next step works
+
+
+def test_a_failed_first_step_removes_the_keys_it_added_to_existing_state():
+    """Code that reads ``opt.state[p]`` creates empty entries; a failed first ARWP
+    step must take its accumulators out of them again."""
+    net = model()
+    opt = make_opt("arwp", net)
+    for p in net.parameters():
+        assert opt.state[p] == {}
+
+    def failing():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(failing)
+    assert all(opt.state[p] == {} for p in net.parameters())

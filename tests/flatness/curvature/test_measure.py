@@ -24,7 +24,7 @@ BAD = [
     (dict(trace=True, trace_method="hutchinson", trace_matvecs=1), "--trace-matvecs must be at least 2 for hutchinson, got 1"),
     (dict(dtype="float16"), "unknown --dtype 'float16'; expected one of 'float32', 'float64'"),
     (dict(backend="hvp"), "unknown --backend 'hvp'"),
-    (dict(split="val"), "unknown --split 'val'"),
+    (dict(split="validation"), "unknown --split 'validation'"),
     (dict(per_layer="row"), "unknown --per-layer 'row'; expected one of 'tensor', 'module'"),
     (dict(samples=0), "--samples: expected a positive integer, got 0"),
     (dict(batch_size=-1), "--batch-size: expected a positive integer, got -1"),

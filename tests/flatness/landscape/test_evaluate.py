@@ -168,7 +168,7 @@ def test_spec_validation_is_one_line_per_mistake() -> None:
         ({"x": "-1:1:3", "method": "fast"}, r"unknown --method 'fast'"),
         ({"x": "-1:1:3", "samples": 0}, r"--samples must be a positive integer, got 0"),
         ({"x": "-1:1:3", "chunk_size": -2}, r"--chunk-size must be a positive integer, got -2"),
-        ({"x": "-1:1:3", "split": "val"}, r"unknown --split 'val'"),
+        ({"x": "-1:1:3", "split": "validation"}, r"unknown --split 'validation'"),
     ]
     for kwargs, message in table:
         with pytest.raises(FlatnessError, match=message) as e:

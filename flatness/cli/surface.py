@@ -46,7 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="checkpoint (.pt) at the centre, or a run directory (its final.pt)")
     g = p.add_argument_group("grid and directions")
     g.add_argument("--dim", type=int, choices=(1, 2), default=None, help="1 or 2 (default: 2 when --y is given)" + _OWN)
-    g.add_argument("--x", required=True, metavar="MIN:MAX:N", help="first axis, e.g. -1:1:51 (or --x=-1:1:51)" + _OWN)
+    g.add_argument("--x", default=None, metavar="MIN:MAX:N",
+                   help="first axis, e.g. -1:1:51 (or --x=-1:1:51); required except with --directions pca, whose "
+                   "default grid (31x31) covers the trajectory with a 20%% margin" + _OWN)
     g.add_argument("--y", default=None, metavar="MIN:MAX:N", help="second axis (2-D)" + _OWN)
     g.add_argument(
         "--directions",

@@ -26,6 +26,14 @@ paper) the entries of one-dimensional parameters (biases and BatchNorm
 weights) are set to zero; with ``ignore="none"`` they are kept and
 normalized as one "filter" per tensor (loss-landscape instead copies the
 weights there; we keep the same rule as the project's filter-wise noise).
+
+A filter (or tensor) of the direction that is numerically zero, at most
+``zero_tol`` times the direction's largest filter norm, stays zero instead of
+being blown up to the weights' norm: a Gaussian draw never has one, but a
+Hessian eigenvector has exact or round-off zeros on units that receive no
+gradient (dead ReLUs, unused embeddings), and rescaling that noise to a full
+filter norm would move the plot along a direction the curvature never chose.
+Such a filter is treated like an ignored one.
 """
 
 from __future__ import annotations
@@ -76,6 +84,7 @@ def normalize_direction(
     norm: str = "filter",
     ignore: str = "biasbn",
     eps: float = 1e-10,
+    zero_tol: float = 1e-6,
 ) -> Direction:
     r"""Rescale ``direction`` to the scale of ``weights`` (Li et al. 2018).
 
@@ -89,6 +98,9 @@ def normalize_direction(
         ignore: ``"biasbn"`` zeroes one-dimensional parameters; ``"none"``
             keeps them, normalized as a whole tensor.
         eps: added to the direction's norms, :math:`d / (\lVert d \rVert + \epsilon)`.
+        zero_tol: a filter (``filter``) or tensor (``layer``) whose norm is at
+            most ``zero_tol`` times the largest such norm in the direction is
+            numerically zero and stays zero (not rescaled to the weights' norm).
 
     Returns:
         A new list of tensors.
@@ -106,19 +118,22 @@ def normalize_direction(
     _check_ignore(ignore)
     if len(direction) != len(weights):
         raise ValueError(f"direction has {len(direction)} tensors but the model has {len(weights)} parameters")
-    out: Direction = []
     for d, w in zip(direction, weights):
         if d.shape != w.shape:
             raise ValueError(f"direction entry of shape {tuple(d.shape)} does not match parameter of shape {tuple(w.shape)}")
+    floor = zero_tol * _largest_unit_norm(direction, weights, norm=norm, ignore=ignore)
+    out: Direction = []
+    for d, w in zip(direction, weights):
         if is_biasbn(w) and ignore == "biasbn":
             out.append(torch.zeros_like(d))
         elif norm == "filter" and w.ndim >= 2:
             dn = d.flatten(1).norm(dim=1)
             wn = w.flatten(1).norm(dim=1)
-            scale = (wn / (dn + eps)).view(-1, *([1] * (d.ndim - 1)))
+            scale = torch.where(dn > floor, wn / (dn + eps), torch.zeros_like(dn)).view(-1, *([1] * (d.ndim - 1)))
             out.append(d * scale)
         elif norm in ("filter", "layer"):
-            out.append(d * (w.norm() / (d.norm() + eps)))
+            dn = d.norm()
+            out.append(d * (w.norm() / (dn + eps)) if float(dn) > floor else torch.zeros_like(d))
         else:  # "model": scaled together below
             out.append(d.clone())
     if norm == "model":
@@ -130,6 +145,21 @@ def normalize_direction(
             for i in keep:
                 out[i] = out[i] * scale
     return out
+
+
+def _largest_unit_norm(direction: Sequence[Tensor], weights: Sequence[Tensor], *, norm: str, ignore: str) -> float:
+    """The largest norm of one normalization unit (filter, tensor, or the whole direction) among the included entries."""
+    norms = [0.0]
+    for d, w in zip(direction, weights):
+        if is_biasbn(w) and ignore == "biasbn":
+            continue
+        if norm == "filter" and w.ndim >= 2 and d.numel():
+            norms.append(float(d.flatten(1).norm(dim=1).max()))
+        elif norm == "model":
+            norms.append(float(d.double().pow(2).sum()))
+        else:
+            norms.append(float(d.norm()))
+    return float(sum(norms)) ** 0.5 if norm == "model" else max(norms)
 
 
 def random_direction(

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from flatness.errors import FlatnessError
 from flatness.landscape.directions import Direction, apply_ignore
+from flatness.landscape.grid import Axis
 
 _EPOCH = re.compile(r"^epoch_(\d+)\.pt$")
 
@@ -184,3 +185,29 @@ def project_trajectory(
             )
         coords[t] = torch.linalg.lstsq(gram, rhs.unsqueeze(1)).solution.squeeze(1).numpy()
     return coords
+
+
+def covering_axes(coords: np.ndarray, num: int, *, margin: float = 0.2) -> list[Axis]:
+    r"""Grid axes that cover projected trajectory points (and the centre) with a margin.
+
+    For each column :math:`k` of ``coords`` the axis runs from
+    :math:`\min(c_k, 0) - m\,s_k` to :math:`\max(c_k, 0) + m\,s_k`, where
+    :math:`s_k` is that span and :math:`m` the ``margin``, so the whole path
+    and the centre at the origin sit inside the plotted surface.
+
+    Args:
+        coords: ``(T, k)`` coordinates from :func:`project_trajectory`.
+        num: points per axis.
+        margin: the extra room on each side, as a fraction of the span.
+
+    Example:
+        >>> [a.spec for a in covering_axes(np.array([[-4.0, 1.0], [0.0, 0.0]]), 5, margin=0.25)]
+        ['-5:1:5', '-0.25:1.25:5']
+    """
+    coords = np.asarray(coords, dtype=np.float64).reshape(len(coords), -1)
+    axes = []
+    for k in range(coords.shape[1]):
+        lo, hi = min(float(coords[:, k].min()), 0.0), max(float(coords[:, k].max()), 0.0)
+        span = hi - lo if hi > lo else 1.0
+        axes.append(Axis(float(f"{lo - margin * span:.4g}"), float(f"{hi + margin * span:.4g}"), int(num)))
+    return axes

@@ -22,6 +22,8 @@ from flatness.landscape.grid import Axis, parse_axis
 RANDOM_KINDS = ("filter", "layer", "model")
 DIRECTION_KINDS = (*RANDOM_KINDS, "pca", "interp", "hessian", "custom")
 HESSIAN_NORMALIZE = ("none", "filter")
+# Grid points per axis when --directions pca chooses the grid (no --x / --y): it covers the trajectory.
+AUTO_POINTS = {1: 51, 2: 31}
 
 
 @dataclass(frozen=True)
@@ -30,9 +32,12 @@ class SurfaceSpec:
 
     Attributes:
         x: first axis, ``"MIN:MAX:N"``, ``(min, max, n)`` or an :class:`Axis`
-            (stored as an ``Axis``).
-        y: second axis (a 2-D surface), or None.
-        dim: 1 or 2; default 2 when ``y`` is given. Must agree with ``y``.
+            (stored as an ``Axis``). ``None`` only with ``directions="pca"``:
+            :func:`~flatness.landscape.surface_from_checkpoint` then picks a
+            grid of :data:`AUTO_POINTS` points per axis that covers the
+            projected trajectory with a margin (and records it in the file).
+        y: second axis (a 2-D surface), or None (with ``pca`` and ``dim=2``: chosen like ``x``).
+        dim: 1 or 2; default 2 when ``y`` is given (or the pca grid is chosen). Must agree with ``y``.
         directions: ``filter`` / ``layer`` / ``model`` (seeded random
             directions normalized per filter, layer or whole model), ``pca``
             (of a run's checkpoints), ``interp`` (towards the checkpoints in
@@ -55,7 +60,7 @@ class SurfaceSpec:
         method: ``auto``, ``vmap`` or ``loop`` (see :mod:`flatness.landscape.evaluate`).
     """
 
-    x: Axis | str | tuple[float, float, int]
+    x: Axis | str | tuple[float, float, int] | None = None
     y: Axis | str | tuple[float, float, int] | None = None
     dim: int | None = None
     directions: str = "filter"
@@ -75,11 +80,16 @@ class SurfaceSpec:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "x", parse_axis(self.x, "--x"))
-        dim = self.dim if self.dim is not None else (2 if self.y is not None else 1)
+        if self.x is None and self.directions != "pca":
+            raise FlatnessError("--x MIN:MAX:N is required (only --directions pca chooses a grid itself, around its trajectory)")
+        if self.x is None and self.y is not None:
+            raise FlatnessError("give both --x and --y, or neither (--directions pca then picks a grid that covers the trajectory)")
+        if self.x is not None:
+            set_(self, "x", parse_axis(self.x, "--x"))
+        dim = self.dim if self.dim is not None else (2 if (self.y is not None or self.x is None) else 1)
         if dim not in (1, 2):
             raise FlatnessError(f"--dim must be 1 or 2, got {dim}")
-        if dim == 2 and self.y is None:
+        if dim == 2 and self.y is None and self.x is not None:
             raise FlatnessError("--dim 2 needs --y MIN:MAX:N")
         if dim == 1 and self.y is not None:
             raise FlatnessError("--y is only used with --dim 2")
@@ -110,7 +120,14 @@ class SurfaceSpec:
             raise FlatnessError(f"--hessian-normalize is only used with --directions hessian, not {self.directions!r}")
 
     @property
+    def auto_grid(self) -> bool:
+        """True when the grid is still to be chosen from the trajectory (``pca`` without ``x``)."""
+        return self.x is None
+
+    @property
     def xs(self) -> np.ndarray:
+        if self.x is None:
+            raise FlatnessError("the grid is chosen from the trajectory by surface_from_checkpoint; give x (and y) here")
         return self.x.coordinates  # type: ignore[union-attr]
 
     @property
@@ -121,7 +138,7 @@ class SurfaceSpec:
         """The settings a resumed file must share (JSON-ready; output and device choices left out)."""
         keep = ("dim", "directions", "ignore", "hessian_normalize")
         out: dict[str, Any] = {k: getattr(self, k) for k in keep}
-        out["x"] = self.x.spec  # type: ignore[union-attr]
+        out["x"] = self.x.spec if self.x is not None else None  # type: ignore[union-attr]
         out["y"] = self.y.spec if self.y is not None else None  # type: ignore[union-attr]
         if self.directions in RANDOM_KINDS or self.directions == "hessian":
             out["seed"] = int(self.seed)
@@ -132,7 +149,7 @@ class SurfaceSpec:
     def to_dict(self) -> dict[str, Any]:
         """``asdict`` with the axes as ``MIN:MAX:N`` strings (the run's config)."""
         d = asdict(self)
-        d["x"] = self.x.spec  # type: ignore[union-attr]
+        d["x"] = self.x.spec if self.x is not None else None  # type: ignore[union-attr]
         d["y"] = self.y.spec if self.y is not None else None  # type: ignore[union-attr]
         d["to"] = list(self.to)
         return d

@@ -31,6 +31,7 @@ as one uninterrupted process.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import warnings
 from collections.abc import Callable, Sequence
@@ -49,8 +50,8 @@ from flatness.errors import FlatnessError
 from flatness.landscape.directions import Direction, flatten, interpolation_directions, model_weights, random_directions
 from flatness.landscape.evaluate import Batches, LossFn, auto_chunk_size, evaluate_points, resolve_method, vmap_failure
 from flatness.landscape.grid import chunk_ranges, grid_points
-from flatness.landscape.pca import pca_directions, project_trajectory, run_checkpoints
-from flatness.landscape.spec import RANDOM_KINDS, SurfaceFile, SurfaceSpec
+from flatness.landscape.pca import covering_axes, pca_directions, project_trajectory, run_checkpoints
+from flatness.landscape.spec import AUTO_POINTS, RANDOM_KINDS, SurfaceFile, SurfaceSpec
 from flatness.landscape.storage import (
     Surface,
     SurfaceLock,
@@ -304,6 +305,8 @@ def loss_surface(
         >>> s["train_loss"].shape
         (3, 5)
     """
+    if spec.auto_grid:
+        raise FlatnessError("loss_surface needs a grid (spec.x, spec.y); only surface_from_checkpoint chooses one for pca")
     if spec.test and test_batches is None:
         raise FlatnessError("spec.test asks for test values but no test_batches were given")
     info = distributed.info()
@@ -435,7 +438,10 @@ def surface_from_checkpoint(
         spec: grid, directions, data and evaluation. ``interp`` needs
             ``spec.to``; ``pca`` needs ``spec.run`` (or a run directory as
             ``checkpoint``); a ``run`` with a 2-D surface also stores the
-            projected trajectory.
+            projected trajectory. ``pca`` without ``spec.x`` gets a grid that
+            covers the projected trajectory and the centre with a 20 % margin
+            (:func:`~flatness.landscape.pca.covering_axes`), recorded in the
+            file like a given one.
         sources: the user's own model / data / loss (see :class:`flatness.analysis.Sources`).
         quiet: no progress bar.
         callback: ``callback(points_done, points_total)`` after each chunk.
@@ -538,19 +544,36 @@ def _surface_from_checkpoint(
         name = loaded.analysis.checkpoint.model_name
         targets = [model_weights(_load_like(Path(p), name, sources, dev)) for p in spec.to]
         dirs = interpolation_directions(model_weights(net), targets, ignore=str(spec.ignore))
+    coords = None
     if run_dir is not None and not resuming:
-        dirs, trajectory_extra = _trajectory(net, run_dir, spec, loaded.analysis.checkpoint.model_name, sources, dirs, dev)
+        dirs, trajectory_extra, coords = _trajectory(net, run_dir, spec, loaded.analysis.checkpoint.model_name, sources, dirs, dev)
         extra.update(trajectory_extra)
+    if spec.auto_grid:
+        spec = _covering_spec(spec, coords, output.path if resuming else None)
     out = SurfaceFile(output.path, resume=output.resume, force=output.force, settings={**loaded.settings, **output.settings}, extra=extra)
     needs_tensors = spec.directions in ("pca", "interp")
     return loss_surface(net, loaded.analysis.batches, spec, directions=dirs if needs_tensors else None,
                         loss_fn=loaded.analysis.loss_fn, test_batches=loaded.test_batches, output=out, callback=callback)
 
 
+def _covering_spec(spec: SurfaceSpec, coords: np.ndarray | None, resumed: Path | None) -> SurfaceSpec:
+    """``spec`` with the grid chosen for ``pca`` without ``x``/``y``: the resumed file's, or one covering ``coords``."""
+    if resumed is not None:
+        stored = read_surface(resumed).settings
+        if not stored.get("x"):
+            raise FlatnessError(f"cannot resume {resumed} without --x: the file records no grid")
+        return dataclasses.replace(spec, x=stored["x"], y=stored.get("y"))
+    if coords is None:
+        raise FlatnessError("--directions pca without --x needs the run's trajectory (--run RUN_DIR) to choose the grid")
+    axes = covering_axes(coords, AUTO_POINTS[int(spec.dim)])  # type: ignore[index]
+    return dataclasses.replace(spec, x=axes[0], y=axes[1] if spec.dim == 2 else None)
+
+
 def _trajectory(
     net: nn.Module, run_dir: Path, spec: SurfaceSpec, name: str, sources: Sources | None, dirs: list[Direction] | None, dev: torch.device
-) -> tuple[list[Direction] | None, dict[str, np.ndarray]]:
-    """PCA directions of the run's checkpoints (for ``pca``) and, on a 2-D plane, the projected trajectory."""
+) -> tuple[list[Direction] | None, dict[str, np.ndarray], np.ndarray | None]:
+    """PCA directions of the run's checkpoints (for ``pca``), the trajectory's coordinates along the directions
+    (stored in the file on a 2-D plane)."""
     extra: dict[str, np.ndarray] = {}
     paths = run_checkpoints(run_dir)
     trajectory = [[w.cpu() for w in model_weights(_load_like(p, name, sources, "cpu"))] for p in paths]
@@ -563,10 +586,12 @@ def _trajectory(
                      singular_values_=res.singular_values)
     elif dirs is None and spec.directions in RANDOM_KINDS:
         dirs = random_directions(model_weights(net), spec.dim, norm=spec.directions, ignore=str(spec.ignore), seed=spec.seed)
-    if spec.dim == 2 and dirs is not None:
+    coords = None
+    if dirs is not None and (spec.dim == 2 or spec.auto_grid):
         coords = project_trajectory(cpu_center, trajectory, [[d.cpu() for d in direction] for direction in dirs])
+    if spec.dim == 2 and coords is not None:
         extra.update(proj_xcoord=coords[:, 0], proj_ycoord=coords[:, 1], proj_epochs=np.asarray(epochs, dtype=np.int64))
-    return dirs, extra
+    return dirs, extra, coords
 
 
 def _load_like(path: Path, name: str, sources: Sources | None, device: str | torch.device) -> nn.Module:

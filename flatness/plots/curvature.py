@@ -34,12 +34,19 @@ class CurvatureTrack:
         rows: ``curvature.jsonl`` rows (each with ``step`` and ``lambda_max``).
         config: the run's config.json (``method``, ``lr``, ``momentum`` are used).
         percent: measuring time as % of training time, or ``None`` if unknown.
+        series: ``(method, seed)`` for the line's colour (method) and style (seed);
+            default: the config's ``method`` and ``seed``.
     """
 
     label: str
     rows: list[dict[str, Any]]
     config: dict[str, Any] = field(default_factory=dict)
     percent: float | None = None
+    series: tuple[str, Any] | None = None
+
+    def method_seed(self) -> tuple[str, Any]:
+        cfg = self.config or {}
+        return self.series or (str(cfg.get("method") or self.label), cfg.get("seed", 0))
 
 
 def thresholds(tracks: list[CurvatureTrack]) -> list[tuple[float, str, str]]:
@@ -59,14 +66,18 @@ def thresholds(tracks: list[CurvatureTrack]) -> list[tuple[float, str, str]]:
 
 
 def draw_curvature_tracks(ax: Any, tracks: list[CurvatureTrack], *, log: bool = True) -> None:
-    """One line per track (lambda_max against updates) and the stability lines, on ``ax``."""
+    """One line per track (lambda_max against updates; colour = method, style = seed) and the stability lines, on ``ax``."""
+    from flatness.plots.style import SeriesStyles, legend_outside
+
+    styles = SeriesStyles(t.method_seed() for t in tracks)
     values: list[float] = []
     for t in tracks:
         rows = [r for r in t.rows if r.get("lambda_max") is not None]
         ys = [float(r["lambda_max"]) for r in rows]
         values += ys
         cost = f" (measuring: {t.percent:.1f}% of training time)" if t.percent is not None else ""
-        ax.plot([r["step"] for r in rows], ys, marker="o", ms=2, label=t.label + cost)
+        st = styles.style(*t.method_seed())
+        ax.plot([r["step"] for r in rows], ys, color=st.color, ls=st.linestyle, marker=st.marker, ms=2.5, label=t.label + cost)
     for height, ls, label in thresholds(tracks):
         ax.axhline(height, color="k", ls=ls, lw=0.8, label=label)
     if log:
@@ -77,7 +88,7 @@ def draw_curvature_tracks(ax: Any, tracks: list[CurvatureTrack], *, log: bool = 
     ax.set_xlabel("updates")
     ax.set_ylabel(r"$\lambda_{max}$ (analysis batch)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    legend_outside(ax, fontsize=7)
 
 
 def curvature_figure(tracks: list[CurvatureTrack], *, log: bool = True, title: str = "Curvature during training") -> Any:

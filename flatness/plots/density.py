@@ -4,6 +4,8 @@ The plot of Ghorbani, Krishnan & Xiao 2019 ("An Investigation into Neural
 Net Optimization via Hessian Eigenvalue Density"): the Gaussian-broadened
 stochastic-Lanczos-quadrature density against the eigenvalue, on a log
 scale by default so the outliers stay visible next to the bulk at zero.
+A result that also holds per-layer curvature (``--density --per-layer``)
+gets both in one figure, the per-layer bars under the density.
 Matplotlib is imported inside the function and used through its
 object-oriented API on an Agg canvas (no pyplot state, no GUI backend).
 """
@@ -31,7 +33,9 @@ def plot_spectral_density(result: dict[str, Any] | DensityResult, out: Path, *, 
     Args:
         result: the JSON object written by ``flatness hessian --density``
             (needs ``density.grid`` and ``density.values``; uses
-            ``top_eigenvalues``, ``trace`` and ``checkpoint`` when present),
+            ``top_eigenvalues``, ``trace``, ``samples`` and ``checkpoint`` when
+            present; with ``per_layer`` too, the per-layer bars are drawn
+            under the density in the same figure),
             or a :class:`flatness.curvature.DensityResult` from the Python
             API (``spectral_density(...)``).
         out: the figure file; ``.png``, ``.pdf`` or ``.svg``.
@@ -70,9 +74,48 @@ def plot_spectral_density(result: dict[str, Any] | DensityResult, out: Path, *, 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.0, 4.0))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    layers = result.get("per_layer") if isinstance(result, dict) else None
+    if layers:  # a hessian --density --per-layer result: both, one figure
+        from flatness.plots.per_layer import draw_per_layer_bars, layer_rows
+
+        rows = layer_rows(result)
+        fig = Figure(figsize=(max(7.0, 0.45 * len(rows) + 3.0), 9.0))
+        FigureCanvasAgg(fig)
+        ax, top_ax, trace_ax = fig.subplots(3, 1, gridspec_kw={"height_ratios": [1.3, 1, 1]})
+        trace_ax.sharex(top_ax)
+        draw_per_layer_bars(top_ax, trace_ax, rows, log=log)
+        top_ax.tick_params(labelbottom=False)
+        top_ax.set_title("Per-layer Hessian curvature (diagonal blocks)", fontsize=10)
+    else:
+        fig = Figure(figsize=(7.0, 4.0))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+    draw_density(ax, result, xs, ys, log=log)
+    fig.tight_layout()
+    try:
+        fig.savefig(out, dpi=150, bbox_inches="tight")
+    except OSError as e:
+        raise FlatnessError(f"cannot write figure {out}: {e.strerror or e}") from None
+    return out
+
+
+def _on(result: dict[str, Any]) -> str:
+    """``" on N <split> samples"`` when the result says so."""
+    n, split = result.get("samples"), result.get("split")
+    return f" on {n} {split + ' ' if isinstance(split, str) else ''}samples" if isinstance(n, int) else ""
+
+
+def draw_density(ax: Any, result: dict[str, Any], xs: list[float], ys: list[float], *, log: bool = True) -> None:
+    """The density curve, the Lanczos top eigenvalues and, to the right of the axes, a key with lambda_max, trace and sigma.
+
+    The key sits outside the data area, so it never covers the curve;
+    ``sigma`` is the standard deviation of the Gaussian that broadens each
+    Ritz value into the smooth density (Ghorbani et al. 2019), in eigenvalue units.
+    """
+    from matplotlib.lines import Line2D
+
+    from flatness.plots.style import legend_outside
+
     peak = max(ys) if ys else 0.0
     if log and peak > 0:
         floor = peak * _LOG_FLOOR
@@ -82,28 +125,25 @@ def plot_spectral_density(result: dict[str, Any] | DensityResult, out: Path, *, 
         ax.plot(xs, ys, color="C0", linewidth=1.2)
         ax.set_ylim(bottom=0)
     tops = [float(v) for v in result.get("top_eigenvalues") or []]
-    for i, v in enumerate(tops):
-        ax.axvline(v, color="C3", linestyle=":", linewidth=0.9, label="top eigenvalues (Lanczos)" if i == 0 else None)
+    for v in tops:
+        ax.axvline(v, color="C3", linestyle=":", linewidth=0.9)
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density (log scale)" if log else "density")
-    title = "Hessian eigenvalue density"
+    title = f"Hessian eigenvalue density (stochastic Lanczos quadrature){_on(result)}"
     if result.get("checkpoint"):
         title += f"\n{Path(str(result['checkpoint'])).name}"
     ax.set_title(title, fontsize=10)
-    notes = []
+    density = result.get("density") or {}
+    handles: list[Any] = [Line2D([], [], color="C0", lw=1.2)]
+    labels = ["density"]
     if tops:
-        notes.append(f"lambda_max = {tops[0]:.4g}")
+        handles.append(Line2D([], [], color="C3", ls=":", lw=0.9))
+        labels.append(f"top eigenvalues (Lanczos)\n$\\lambda_{{max}}$ = {tops[0]:.4g}")
+    blank = Line2D([], [], ls="none")
     if result.get("trace") is not None:
-        notes.append(f"trace = {float(result['trace']):.4g}")
+        handles.append(blank)
+        labels.append(f"trace = {float(result['trace']):.4g}")
     if density.get("sigma") is not None:
-        notes.append(f"sigma = {float(density['sigma']):.2g}")
-    if notes:
-        ax.text(0.02, 0.97, "\n".join(notes), transform=ax.transAxes, ha="left", va="top", fontsize=8)
-    if tops:
-        ax.legend(loc="lower left", fontsize=8, frameon=False)
-    fig.tight_layout()
-    try:
-        fig.savefig(out, dpi=150)
-    except OSError as e:
-        raise FlatnessError(f"cannot write figure {out}: {e.strerror or e}") from None
-    return out
+        handles.append(blank)
+        labels.append(f"Gaussian broadening $\\sigma$ = {float(density['sigma']):.2g}\n(width of the kernel put on\neach Ritz value, eigenvalue units)")
+    legend_outside(ax, handles, labels)

@@ -20,7 +20,7 @@ from flatness.errors import FlatnessError
 FORMATS = (".png", ".pdf", ".svg")
 
 
-def _rows(result: dict[str, Any] | Sequence[Any]) -> list[dict[str, Any]]:
+def layer_rows(result: dict[str, Any] | Sequence[Any]) -> list[dict[str, Any]]:
     layers = result.get("per_layer") if isinstance(result, dict) else result
     if not layers:
         raise FlatnessError("this hessian result has no per-layer curvature: run flatness hessian with --per-layer")
@@ -29,6 +29,50 @@ def _rows(result: dict[str, Any] | Sequence[Any]) -> list[dict[str, Any]]:
         if not isinstance(b, dict) or not {"name", "top_eigenvalue", "trace"} <= set(b):
             raise FlatnessError("the per-layer curvature of this result is malformed: expected entries with name, top_eigenvalue and trace")
     return rows
+
+
+def set_value_scale(ax: Any, values: Sequence[float], *, log: bool = True) -> None:
+    """A readable value axis: log when every value is positive; symmetric-log with ticks only at 0 and whole decades otherwise.
+
+    The symmetric-log threshold is a power of ten three decades under the
+    largest magnitude, and the ticks inside the linear region (other than 0)
+    are dropped, so no tick label sits on top of 0.
+    """
+    import math
+
+    from matplotlib.ticker import FixedLocator, LogFormatterSciNotation, NullLocator
+
+    finite = [float(v) for v in values if math.isfinite(float(v))]
+    if not log or not finite:
+        return
+    if min(finite) > 0:
+        ax.set_yscale("log")
+        return
+    top = max(abs(v) for v in finite) or 1.0
+    linthresh = 10.0 ** math.floor(math.log10(top) - 3)
+    ax.set_yscale("symlog", linthresh=linthresh, linscale=0.5)
+    hi = math.ceil(math.log10(top))
+    decades = [10.0**k for k in range(int(math.log10(linthresh)) + 1, hi + 1)]
+    lo_neg = min(finite) < 0
+    ticks = sorted({0.0, *decades, *([-d for d in decades if d <= -min(finite) * 10] if lo_neg else [])})
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False, linthresh=linthresh))
+    ax.yaxis.set_minor_locator(NullLocator())
+
+
+def draw_per_layer_bars(top_ax: Any, trace_ax: Any, rows: list[dict[str, Any]], *, log: bool = True) -> None:
+    """One bar per parameter block: top eigenvalue on ``top_ax``, trace on ``trace_ax`` (block names under ``trace_ax``)."""
+    names = [str(b["name"]) or "(root)" for b in rows]
+    xs = list(range(len(rows)))
+    for ax, key, label, color in ((top_ax, "top_eigenvalue", "top eigenvalue", "C3"), (trace_ax, "trace", "trace", "C0")):
+        values = [float(b[key]) for b in rows]
+        ax.bar(xs, values, color=color)
+        ax.set_ylabel(f"{label}\n(block)")
+        set_value_scale(ax, values, log=log)
+        ax.grid(axis="y", linewidth=0.4, alpha=0.5)
+    trace_ax.set_xticks(xs)
+    trace_ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    trace_ax.set_xlabel("parameter block")
 
 
 def plot_per_layer(result: dict[str, Any] | Sequence[Any], out: Path, *, log: bool = True) -> Path:
@@ -50,25 +94,14 @@ def plot_per_layer(result: dict[str, Any] | Sequence[Any], out: Path, *, log: bo
     out = Path(out)
     if out.suffix.lower() not in FORMATS:
         raise FlatnessError(f"figure {out} must end in .png, .pdf or .svg")
-    rows = _rows(result)
+    rows = layer_rows(result)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    names = [str(b["name"]) or "(root)" for b in rows]
     fig = Figure(figsize=(max(6.0, 0.45 * len(rows) + 2.0), 5.5))
     FigureCanvasAgg(fig)
     top_ax, trace_ax = fig.subplots(2, 1, sharex=True)
-    xs = list(range(len(rows)))
-    for ax, key, label, color in ((top_ax, "top_eigenvalue", "top eigenvalue", "C3"), (trace_ax, "trace", "trace", "C0")):
-        values = [float(b[key]) for b in rows]
-        ax.bar(xs, values, color=color)
-        ax.set_ylabel(label)
-        if log:
-            ax.set_yscale("symlog", linthresh=max(1e-6, 1e-3 * max(abs(v) for v in values)))
-        ax.grid(axis="y", linewidth=0.4, alpha=0.5)
-    trace_ax.set_xticks(xs)
-    trace_ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
-    trace_ax.set_xlabel("parameter block")
+    draw_per_layer_bars(top_ax, trace_ax, rows, log=log)
     title = "Per-layer Hessian curvature (diagonal blocks)"
     if isinstance(result, dict) and result.get("checkpoint"):
         title += f"\n{Path(str(result['checkpoint'])).name}"
@@ -81,14 +114,21 @@ def plot_per_layer(result: dict[str, Any] | Sequence[Any], out: Path, *, log: bo
     return out
 
 
-def per_layer_comparison_figure(results: dict[str, Sequence[Any]], *, log: bool = True) -> Any:
-    """Grouped bars: per layer, one bar per checkpoint (top eigenvalue above, trace below); returns the ``Figure``.
+def per_layer_comparison_figure(results: dict[str, Sequence[Any]], *, series: dict[str, tuple[str, Any]] | None = None,
+                                log: bool = True) -> Any:
+    """Grouped bars per layer (top eigenvalue above, trace below); returns the ``Figure``.
+
+    Every checkpoint is drawn. Without ``series`` each checkpoint is its own
+    bar. With ``series`` (label -> ``(method, seed)``) each method gets one
+    bar, the mean over its seeds, and every seed a marker on it (marker =
+    seed, :mod:`flatness.plots.style`), so no seed is left out.
 
     Args:
-        results: legend label -> that checkpoint's per-layer rows (dicts or
+        results: label -> that checkpoint's per-layer rows (dicts or
             :class:`flatness.curvature.LayerCurvature`); every checkpoint has
             the same blocks (one architecture).
-        log: symmetric-log value axes.
+        series: label -> ``(method, seed)``; default: every label its own method.
+        log: log value axes (symmetric-log when a value is <= 0).
 
     Raises:
         FlatnessError: no checkpoints, or checkpoints with different blocks.
@@ -96,29 +136,46 @@ def per_layer_comparison_figure(results: dict[str, Sequence[Any]], *, log: bool 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from flatness.plots.style import SeriesStyles, legend_outside
+
     if not results:
         raise FlatnessError("no per-layer curvature to draw")
-    table = {label: _rows(rows) for label, rows in results.items()}
+    table = {label: layer_rows(rows) for label, rows in results.items()}
     names = [str(b["name"]) or "(root)" for b in next(iter(table.values()))]
     if any([str(b["name"]) or "(root)" for b in rows] != names for rows in table.values()):
         raise FlatnessError("the checkpoints' per-layer blocks differ; per-layer bars need one architecture")
-    fig = Figure(figsize=(max(6.0, 0.35 * len(names) * len(table) + 2.5), 5.5))
+    keys = {label: (series or {}).get(label, (label, 0)) for label in table}
+    styles = SeriesStyles(keys.values())
+    methods: dict[str, list[str]] = {}
+    for label, (method, _) in keys.items():
+        methods.setdefault(method, []).append(label)
+    fig = Figure(figsize=(max(6.0, 0.35 * len(names) * len(methods) + 2.5), 5.5))
     FigureCanvasAgg(fig)
     top_ax, trace_ax = fig.subplots(2, 1, sharex=True)
-    width = 0.8 / len(table)
+    width = 0.8 / len(methods)
+    several = any(len(labels) > 1 for labels in methods.values())
     for ax, key, label in ((top_ax, "top_eigenvalue", "top eigenvalue"), (trace_ax, "trace", "trace")):
         values = [float(b[key]) for rows in table.values() for b in rows]
-        for i, (name, rows) in enumerate(table.items()):
-            ax.bar([j + (i - (len(table) - 1) / 2) * width for j in range(len(names))], [float(b[key]) for b in rows], width,
-                   color=f"C{i % 10}", label=name)
+        for i, (method, labels) in enumerate(methods.items()):
+            xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(names))]
+            per_seed = [[float(b[key]) for b in table[lab]] for lab in labels]
+            mean = [sum(col) / len(col) for col in zip(*per_seed)]
+            ax.bar(xs, mean, width, color=styles.color(method), alpha=0.45 if several else 1.0, label=method)
+            if several:
+                for lab, vals in zip(labels, per_seed):
+                    st = styles.style(*keys[lab])
+                    ax.plot(xs, vals, ls="none", marker=st.marker, color=st.color, ms=4, mfc="none", mew=1.1)
         ax.set_ylabel(label)
-        if log:
-            ax.set_yscale("symlog", linthresh=max(1e-6, 1e-3 * max(abs(v) for v in values)))
+        set_value_scale(ax, values, log=log)
         ax.grid(axis="y", linewidth=0.4, alpha=0.5)
     trace_ax.set_xticks(range(len(names)))
     trace_ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
     trace_ax.set_xlabel("parameter block")
-    top_ax.set_title("Per-layer Hessian curvature (diagonal blocks)", fontsize=10)
-    top_ax.legend(fontsize=7)
+    seeds = sorted({s for _, s in keys.values()}, key=str)
+    what = (f"bars: mean over seeds ({', '.join(map(str, seeds))}), markers: each seed" if several
+            else "one bar per checkpoint")
+    top_ax.set_title(f"Per-layer Hessian curvature (diagonal blocks; {what})", fontsize=10)
+    handles, labels = styles.legend_handles(marker_only=True)
+    legend_outside(top_ax, handles, labels, fontsize=7)
     fig.tight_layout()
     return fig

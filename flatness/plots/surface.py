@@ -47,10 +47,21 @@ def _axis_labels(surface: Surface) -> tuple[str, str]:
     if kind == "interp":
         return "interpolation coefficient x", "interpolation coefficient y"
     if kind == "hessian":
-        values = list(surface.settings.get("hessian_eigenvalues") or [])
-        names = [f"Hessian eigenvector {k + 1}" + (f" (λ{k + 1} = {values[k]:.3g})" if k < len(values) else "") for k in range(2)]
-        return names[0], names[1]
+        return _hessian_axis_label(surface, 0), _hessian_axis_label(surface, 1)
     return "x (direction 1)", "y (direction 2)"
+
+
+def _hessian_axis_label(surface: Surface, k: int) -> str:
+    """What the saved axis is: the unit eigenvector ``v_k``, or its filter-normalized rescaling (norm given)."""
+    values = list(surface.settings.get("hessian_eigenvalues") or [])
+    lam = f"λ{k + 1} = {values[k]:.3g}" if k < len(values) else ""
+    if surface.settings.get("hessian_normalize") == "filter":
+        norm = ""
+        if k < len(surface.directions):
+            norm = f"norm {float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in surface.directions[k]))):.3g}, "
+        return f"filter-normalized Hessian eigenvector {k + 1} ({norm}from the unit one with {lam})" if lam else \
+            f"filter-normalized Hessian eigenvector {k + 1}"
+    return f"Hessian eigenvector {k + 1} (unit, {lam})" if lam else f"Hessian eigenvector {k + 1} (unit)"
 
 
 def _missing_note(values: np.ndarray) -> str:
@@ -217,7 +228,8 @@ def _plot_line(surface: Surface, *, log: bool, title: str | None) -> Any:
     acc_ax.set_ylabel("accuracy (%)", color="tab:red")
     acc_ax.tick_params(axis="y", colors="tab:red")
     acc_ax.set_ylim(0, 100)
-    ax.legend(handles=handles, loc="upper center", fontsize=8, ncol=2, frameon=False)
+    # below the axes, under the x label: a legend inside would sit on the curves
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, ncol=4, frameon=False)
     note = _missing_note(surface[surface.default_key()])
     ax.set_title(title or f"loss along {_direction_name(surface)}{note}", fontsize=10)  # "direction" for foreign files
     return fig
@@ -233,7 +245,16 @@ def _direction_name(surface: Surface) -> str:
         "interp": "interpolation",
         "hessian": "top Hessian eigenvector direction",
     }
+    if kind == "hessian" and surface.settings.get("hessian_normalize") == "filter":
+        return "filter-normalized Hessian eigenvector direction"
     return names.get(kind, "direction")
+
+
+def _outside(traj: np.ndarray, surface: Surface) -> bool:
+    """True when a trajectory point lies outside the computed grid."""
+    xs, ys = surface.xcoordinates, surface.ycoordinates
+    return bool((traj[:, 0] < xs.min()).any() or (traj[:, 0] > xs.max()).any() or (traj[:, 1] < ys.min()).any()
+                or (traj[:, 1] > ys.max()).any())
 
 
 def _plot_2d(surface: Surface, kind: str, *, key: str, log: bool, trajectory: bool, vmax: float | None, title: str | None) -> Any:
@@ -284,7 +305,11 @@ def _plot_2d(surface: Surface, kind: str, *, key: str, log: bool, trajectory: bo
         epochs = surface.extra.get("proj_epochs")
         if epochs is not None and len(epochs):
             ax.annotate(f"epoch {int(epochs[0])}", traj[0], textcoords="offset points", xytext=(4, 4), fontsize=7, color="tab:red")
-        ax.legend(loc="upper right", fontsize=7)
+        ax.set_xlim(float(surface.xcoordinates.min()), float(surface.xcoordinates.max()))  # the surface fills the axes
+        ax.set_ylim(float(surface.ycoordinates.min()), float(surface.ycoordinates.max()))
+        if _outside(traj, surface):
+            heading += "\n(the trajectory leaves the grid: omit --x/--y to get a grid that covers it)"
+        ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.12), fontsize=7, ncol=2, frameon=False)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_aspect("auto")

@@ -166,17 +166,27 @@ def method_rows(stats: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[
     return head, rows
 
 
+def paired_verdict(g: str, base: str, p: dict[str, Any], higher_is_better: bool) -> str:
+    """``"m-arwp lower than sgd (better): interval excludes 0"`` or ``"within noise: interval contains 0"``."""
+    if p["within_noise"]:
+        return "within noise: interval contains 0"
+    side = "higher" if p["mean"] > 0 else "lower"
+    better = (p["mean"] > 0) == higher_is_better
+    return f"{g} {side} than {base} ({'better' if better else 'worse'}): interval excludes 0"
+
+
 def paired_rows(stats: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Paired differences A - B of every measure in :data:`MEASURES` (the ones report.json holds), with a verdict that names the side."""
     head = ["method", "vs", "measure", "mean diff", "95% CI", "wins", "verdict"]
     rows = []
     for g, r in stats.items():
         for base, diffs in r.get("paired", {}).items():
-            for k, p in diffs.items():
-                if p is None or k not in ("test_acc", "test_loss", "lambda_max", "trace", "sharpness_max"):
+            for k, (title, higher) in MEASURES.items():
+                p = diffs.get(k)
+                if p is None:
                     continue
-                verdict = "within noise" if p["within_noise"] else "interval excludes 0"
-                rows.append([g, base, MEASURES[k][0], f"{p['mean']:+.3g}", f"[{p['ci95'][0]:+.3g}, {p['ci95'][1]:+.3g}]",
-                             f"{p['wins']}/{p['n']}", verdict])
+                rows.append([g, base, title, f"{p['mean']:+.3g}", f"[{p['ci95'][0]:+.3g}, {p['ci95'][1]:+.3g}]",
+                             f"{p['wins']}/{p['n']}", paired_verdict(g, base, p, higher)])
     return head, rows
 
 

@@ -130,8 +130,19 @@ def conclusion(stats: dict[str, dict[str, Any]]) -> list[str]:
                 if p is not None:
                     lines.append(_diff_sentence(g, base, key, p, unit))
     if not lines:
-        lines.append("Fewer than two paired seeds: no difference can be told from noise.")
+        lines.append(_why_no_pairs(stats))
     return lines
+
+
+def _why_no_pairs(stats: dict[str, dict[str, Any]]) -> str:
+    """The reason no paired difference exists, with the seed counts that lead to it."""
+    counts = ", ".join(f"{g} {r['seeds']} seed{'s' if r['seeds'] != 1 else ''}" for g, r in stats.items())
+    if len(stats) == 1:
+        return f"One method only ({counts}): there is no second method to pair it with, so no difference is reported."
+    if not any(b in stats for b in BASELINES):
+        return f"No {' or '.join(BASELINES)} baseline among the methods ({counts}): paired differences are taken against those."
+    return (f"Fewer than two seeds are shared by a method and a baseline ({counts}): no difference can be told from noise; "
+            "run the same seeds for every method.")
 
 
 def kendall(entries: list[dict[str, Any]], target: str = "test_acc") -> dict[str, dict[str, Any]]:

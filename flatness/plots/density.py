@@ -28,16 +28,16 @@ _LOG_FLOOR = 1e-8
 
 
 def plot_spectral_density(result: dict[str, Any] | DensityResult, out: Path, *, log: bool = True) -> Path:
-    """Draw the spectral density of a hessian result and save it to ``out``.
+    """Draw the spectral density of a hessian result (and its per-layer bars, when it has them) and save it to ``out``.
 
     Args:
         result: the JSON object written by ``flatness hessian --density``
             (needs ``density.grid`` and ``density.values``; uses
             ``top_eigenvalues``, ``trace``, ``samples`` and ``checkpoint`` when
             present; with ``per_layer`` too, the per-layer bars are drawn
-            under the density in the same figure),
-            or a :class:`flatness.curvature.DensityResult` from the Python
-            API (``spectral_density(...)``).
+            under the density in the same figure), or a
+            :class:`flatness.curvature.DensityResult` from the Python API
+            (``spectral_density(...)``).
         out: the figure file; ``.png``, ``.pdf`` or ``.svg``.
         log: logarithmic density axis.
 
@@ -52,13 +52,27 @@ def plot_spectral_density(result: dict[str, Any] | DensityResult, out: Path, *, 
         >>> r = {"density": {"grid": [0.0, 0.5, 1.0], "values": [0.1, 1.0, 0.1]}}
         >>> plot_spectral_density(r, Path("/tmp/density.png"))  # doctest: +SKIP
     """
+    out = Path(out)
+    if out.suffix.lower() not in FORMATS:
+        raise FlatnessError(f"figure {out} must end in .png, .pdf or .svg")
+    fig = spectral_density_figure(result, log=log)
+    try:
+        fig.savefig(out, dpi=150, bbox_inches="tight")
+    except OSError as e:
+        raise FlatnessError(f"cannot write figure {out}: {e.strerror or e}") from None
+    return out
+
+
+def spectral_density_figure(result: dict[str, Any] | DensityResult, *, log: bool = True) -> Any:
+    """The ``Figure`` of :func:`plot_spectral_density` (Agg canvas, nothing written).
+
+    Raises:
+        FlatnessError: no density in ``result``, or a malformed density.
+    """
     from flatness.curvature.density import DensityResult
 
     if isinstance(result, DensityResult):
         result = {"density": result.to_dict()}
-    out = Path(out)
-    if out.suffix.lower() not in FORMATS:
-        raise FlatnessError(f"figure {out} must end in .png, .pdf or .svg")
     density = result.get("density") if isinstance(result, dict) else None
     if not isinstance(density, dict):
         raise FlatnessError("this hessian result has no spectral density: run flatness hessian with --density")
@@ -92,11 +106,7 @@ def plot_spectral_density(result: dict[str, Any] | DensityResult, out: Path, *, 
         ax = fig.add_subplot()
     draw_density(ax, result, xs, ys, log=log)
     fig.tight_layout()
-    try:
-        fig.savefig(out, dpi=150, bbox_inches="tight")
-    except OSError as e:
-        raise FlatnessError(f"cannot write figure {out}: {e.strerror or e}") from None
-    return out
+    return fig
 
 
 def _on(result: dict[str, Any]) -> str:

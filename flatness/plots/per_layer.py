@@ -35,8 +35,9 @@ def set_value_scale(ax: Any, values: Sequence[float], *, log: bool = True) -> No
     """A readable value axis: log when every value is positive; symmetric-log with ticks only at 0 and whole decades otherwise.
 
     The symmetric-log threshold is a power of ten three decades under the
-    largest magnitude, and the ticks inside the linear region (other than 0)
-    are dropped, so no tick label sits on top of 0.
+    largest magnitude; the linear region around 0 is one decade tall and the
+    ticks sit only at 0 and at whole decades, so no tick label sits on top
+    of the 0 label (a stray "0" over "10^-3" was the old symlog default).
     """
     import math
 
@@ -50,11 +51,11 @@ def set_value_scale(ax: Any, values: Sequence[float], *, log: bool = True) -> No
         return
     top = max(abs(v) for v in finite) or 1.0
     linthresh = 10.0 ** math.floor(math.log10(top) - 3)
-    ax.set_yscale("symlog", linthresh=linthresh, linscale=0.5)
-    hi = math.ceil(math.log10(top))
-    decades = [10.0**k for k in range(int(math.log10(linthresh)) + 1, hi + 1)]
-    lo_neg = min(finite) < 0
-    ticks = sorted({0.0, *decades, *([-d for d in decades if d <= -min(finite) * 10] if lo_neg else [])})
+    # linscale 1: the linear part (0 to linthresh) is one decade tall, so 0 and the first decade are a decade apart
+    ax.set_yscale("symlog", linthresh=linthresh, linscale=1.0)
+    decades = [10.0**k for k in range(int(round(math.log10(linthresh))), math.ceil(math.log10(top)) + 1)]
+    low = -min(finite)
+    ticks = sorted({0.0, *decades, *(-d for d in decades if d <= low * 1.0001)})
     ax.yaxis.set_major_locator(FixedLocator(ticks))
     ax.yaxis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False, linthresh=linthresh))
     ax.yaxis.set_minor_locator(NullLocator())

@@ -59,9 +59,17 @@ def _hessian_axis_label(surface: Surface, k: int) -> str:
         norm = ""
         if k < len(surface.directions):
             norm = f"norm {float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in surface.directions[k]))):.3g}, "
-        return f"filter-normalized Hessian eigenvector {k + 1} ({norm}from the unit one with {lam})" if lam else \
-            f"filter-normalized Hessian eigenvector {k + 1}"
+        return f"Hessian eigenvector {k + 1}, filter-normalized\n({norm}{lam + ' of the unit vector' if lam else 'rescaled'})"
     return f"Hessian eigenvector {k + 1} (unit, {lam})" if lam else f"Hessian eigenvector {k + 1} (unit)"
+
+
+def _samples_note(surface: Surface) -> str:
+    """``"\n1000 train samples (test: 1000), eval mode"`` from the file's settings; empty for files that do not say."""
+    n, split = surface.settings.get("samples"), surface.settings.get("split", "train")
+    if not isinstance(n, int):
+        return ""
+    test = surface.settings.get("test_samples")
+    return f"\n{n} {split} samples" + (f" (test: {test})" if isinstance(test, int) else "") + ", eval mode"
 
 
 def _missing_note(values: np.ndarray) -> str:
@@ -231,7 +239,7 @@ def _plot_line(surface: Surface, *, log: bool, title: str | None) -> Any:
     # below the axes, under the x label: a legend inside would sit on the curves
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, ncol=4, frameon=False)
     note = _missing_note(surface[surface.default_key()])
-    ax.set_title(title or f"loss along {_direction_name(surface)}{note}", fontsize=10)  # "direction" for foreign files
+    ax.set_title(title or f"loss along {_direction_name(surface)}{note}{_samples_note(surface)}", fontsize=10)  # "direction" for foreign files
     return fig
 
 
@@ -266,7 +274,7 @@ def _plot_2d(surface: Surface, kind: str, *, key: str, log: bool, trajectory: bo
     xlabel, ylabel = _axis_labels(surface)
     note = _missing_note(raw)
     name = _direction_name(surface)
-    heading = title or (f"{label}, {name}s{note}" if name != "direction" else f"{label}{note}")
+    heading = title or ((f"{label}, {name}s{note}" if name != "direction" else f"{label}{note}") + _samples_note(surface))
     fig = _figure((6.0, 5.0) if kind != "3d" else (6.5, 5.2))
     if kind == "3d":
         from matplotlib.ticker import MaxNLocator

@@ -22,6 +22,14 @@ comparable with random filter-normalized ones but loses the unit-length
 property (the second difference then no longer equals :math:`\lambda_1`).
 The eigenvector's sign is fixed so that its largest-magnitude entry is
 positive, so the same model gives the same picture.
+
+Units that receive no gradient (a dead ReLU) have zero Hessian rows, so an
+eigenvector of a nonzero eigenvalue is zero there; the Lanczos Ritz vector
+is zero only up to its accuracy: with residual :math:`r = Hv - \lambda v`,
+those entries satisfy :math:`\lambda v_i = -r_i`, so
+:math:`|v_i| \le \lVert r \rVert / |\lambda|`. Before filter
+normalization, every filter whose norm is below that bound is set to zero,
+so it stays zero instead of being rescaled to the full filter norm.
 """
 
 from __future__ import annotations
@@ -77,8 +85,21 @@ def hessian_directions(
         dirs.append(_unflatten(v, params, used))
     if normalize == "filter":
         weights = [p.detach() for p in params]
-        dirs = [normalize_direction(d, weights, norm="filter", ignore="none") for d in dirs]
+        bounds = [float(r) / max(abs(float(e)), 1e-30) for r, e in zip(result.residuals, result.eigenvalues)]
+        dirs = [normalize_direction(_zero_below(d, bound), weights, norm="filter", ignore="none") for d, bound in zip(dirs, bounds)]
     return dirs, [float(e) for e in result.eigenvalues[:dim]]
+
+
+def _zero_below(direction: Direction, bound: float) -> Direction:
+    """``direction`` with every filter (slice along the first dimension; a 1-D tensor as a whole) of norm <= ``bound`` zeroed."""
+    out: Direction = []
+    for d in direction:
+        if d.ndim >= 2:
+            keep = (d.flatten(1).norm(dim=1) > bound).to(d.dtype).view(-1, *([1] * (d.ndim - 1)))
+            out.append(d * keep)
+        else:
+            out.append(d if float(d.norm()) > bound else torch.zeros_like(d))
+    return out
 
 
 def _unflatten(v: Tensor, params: list[Tensor], used: list[Tensor]) -> Direction:

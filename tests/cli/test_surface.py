@@ -329,3 +329,31 @@ def test_vmap_fallback_is_said_once_on_stderr(tmp_path: Path, capsys: pytest.Cap
     assert err.count("warning: this model cannot be evaluated with torch.func.vmap (vmap: ") == 1, err
     assert "using the loop over points" in err and "Traceback" not in err  # (other libraries' warnings may follow)
     assert read_surface(tmp_path / "b.h5").complete
+
+
+def test_pca_grid_covers_the_trajectory_by_default(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """No --x/--y with --directions pca: the grid spans the projected path and the centre with a margin, recorded in the file."""
+    from flatness.plots.surface import surface_figure
+
+    run = _run_dir(tmp_path)
+    out = tmp_path / "pca_auto.h5"
+    code, _, err = _cli(capsys, "surface", run, "--directions", "pca", "--samples", "32", "--out", out, "--quiet")
+    assert code == 0, err
+    s = read_surface(out)
+    traj = s.trajectory
+    assert s.dim == 2 and s.shape == (31, 31)
+    for k, coords in enumerate((s.xcoordinates, s.ycoordinates)):
+        lo, hi = min(traj[:, k].min(), 0.0), max(traj[:, k].max(), 0.0)
+        margin = 0.2 * (hi - lo)
+        assert coords.min() == pytest.approx(lo - margin, rel=1e-3) and coords.max() == pytest.approx(hi + margin, rel=1e-3)
+    assert s.settings["x"] == f"{s.xcoordinates[0]:g}:{s.xcoordinates[-1]:g}:31" and s.settings["y"].endswith(":31")
+    assert "leaves the grid" not in surface_figure(s, trajectory=True).axes[0].get_title()
+    code, _, err = _cli(capsys, "surface", run, "--directions", "pca", "--samples", "32", "--out", out, "--resume", "--quiet")
+    assert code == 0, err  # resumes with the grid it recorded
+    small = tmp_path / "pca_small.h5"
+    code, _, err = _cli(capsys, "surface", run, "--directions", "pca", "--x", "-0.01:0.01:3", "--y", "-0.01:0.01:3", "--samples", "32",
+                        "--out", small, "--quiet")
+    assert code == 0, err  # a given grid is used as given; the figure says the path leaves it
+    assert "the trajectory leaves the grid" in surface_figure(small, trajectory=True).axes[0].get_title()
+    code, _, err = _cli(capsys, "surface", run, "--dim", "1", "--out", tmp_path / "r.h5")
+    assert code == 2 and "--x MIN:MAX:N is required" in err

@@ -39,7 +39,7 @@ def _entry(method: str, seed: int, k: int) -> dict[str, Any]:
         "training_curve": curve,
         "train_loss": 0.012 + 0.001 * rng.random(), "test_loss": 0.18, "test_acc": 94 + rng.random(),
         "top_eigenvalues": sorted(rng.uniform(1.5, 3.5, 3), reverse=True), "trace": 20 + 8 * rng.random(),
-        "adversarial_sharpness": 0.002 + 0.002 * rng.random(),  # small values: their tick labels overlapped
+        "adversarial_sharpness": 0.0019 + 0.0019 * (3 * k + seed) / 11,  # the demo's range: its default tick labels overlapped
         "sharpness": {"radii": radii, "loss_increase": [0.0] + [2000 * r**2 * (1 + 0.05 * k) * (1 + 0.1 * rng.random()) for r in radii[1:]],
                       "stderr": [0.0] * 6},
         "per_layer": [{"name": n, "top_eigenvalue": float(rng.uniform(0.1, 1.0)) if "bias" not in n else -0.002 * (seed + 1),
@@ -161,3 +161,85 @@ def test_sharpness_methods_stay_apart(drawn_figures: dict, tmp_path: Path) -> No
     means = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
     assert len(means) == 4 and len({tuple(np.round(line.get_xdata(), 9)) for line in means}) == 4  # shifted sideways
     assert "Relative to sgd" in ratio.get_title()
+
+
+def test_paired_table_names_the_better_side_and_has_every_measure_report_json_has() -> None:
+    from flatness.report.render import paired_rows
+    from flatness.report.stats import MEASURES, group_stats
+
+    entries = []
+    for g, lam, acc in (("sgd", 3.0, 94.0), ("m-arwp", 2.0, 94.1)):
+        for s in (0, 1, 2):
+            entries.append({"label": f"{g} s{s}", "group": g, "seed": s, "top_eigenvalues": [lam + 0.01 * s], "test_acc": acc + [0.5, -0.4, 0.1][s] * (1 if g == "sgd" else -1),
+                            "test_loss": 0.2, "train_loss": 0.01 + (0.002 if g == "sgd" else 0.0) + 0.0001 * s, "trace": 20.0 + s,
+                            "adversarial_sharpness": 0.003 - (0.001 if g == "m-arwp" else 0) + 1e-5 * s,
+                            "sharpness": {"loss_increase": [0.0, 1.0 + s]}})
+    stats = group_stats(entries)
+    head, rows = paired_rows(stats)
+    measures = {r[2] for r in rows}
+    assert {MEASURES["train_loss"][0], MEASURES["adversarial_sharpness"][0]} <= measures
+    assert measures == {title for k, (title, _) in MEASURES.items() if stats["m-arwp"]["paired"]["sgd"][k] is not None}
+    verdict = {r[2]: r[-1] for r in rows}
+    assert verdict["lambda_max"] == "m-arwp lower than sgd (better): interval excludes 0"
+    assert verdict["train loss"] == "m-arwp lower than sgd (better): interval excludes 0"
+    assert verdict["test accuracy (%)"] == "within noise: interval contains 0"
+
+
+def test_worse_side_is_named_too() -> None:
+    from flatness.report.render import paired_verdict
+
+    p = {"mean": 0.5, "within_noise": False}
+    assert paired_verdict("sam", "sgd", p, higher_is_better=False) == "sam higher than sgd (worse): interval excludes 0"
+    assert paired_verdict("sam", "sgd", {**p, "mean": -0.5}, higher_is_better=True) == "sam lower than sgd (worse): interval excludes 0"
+
+
+def test_one_method_conclusion_gives_the_reason_and_seed_count() -> None:
+    from flatness.report.stats import conclusion, group_stats
+
+    one = [{"label": f"sgd s{s}", "group": "sgd", "seed": s, "top_eigenvalues": [3.0], "test_acc": 94.0} for s in (0, 1)]
+    (line,) = conclusion(group_stats(one))
+    assert "One method only (sgd 2 seeds)" in line and "Fewer than two" not in line
+    unpaired = one[:1] + [{**one[1], "group": "sam", "label": "sam s1"}]
+    (line,) = conclusion(group_stats(unpaired))
+    assert "sgd 1 seed, sam 1 seed" in line and "same seeds" in line
+
+
+def test_density_and_per_layer_result_draws_both(tmp_path: Path) -> None:
+    from flatness.plots.density import spectral_density_figure
+    from tests.conftest import run_cli
+
+    result = {"top_eigenvalues": [3.0, 1.0], "trace": 12.0, "samples": 64, "split": "train",
+              "density": {"grid": np.linspace(-1, 4, 40).tolist(), "values": np.exp(-np.linspace(-1, 4, 40) ** 2).tolist(), "sigma": 0.076},
+              "per_layer": [{"name": n, "top_eigenvalue": v, "trace": 2 * v} for n, v in (("a.weight", 2.0), ("a.bias", 0.01), ("b.weight", -0.002))]}
+    fig = spectral_density_figure(result)
+    dens, top, trace = fig.axes
+    assert [len(ax.patches) for ax in (top, trace)] == [3, 3]
+    assert [p.get_height() for p in top.patches] == [2.0, 0.01, -0.002]
+    key = " ".join(t.get_text() for t in dens.get_legend().get_texts())
+    assert "Gaussian broadening" in key and "0.076" in key  # sigma says what it is
+    assert legend_over_data(fig) == []
+    for ax in (top, trace):
+        assert overlapping_ticks(ax) == []
+    src = tmp_path / "h.json"
+    src.write_text(__import__("json").dumps(result))
+    done = run_cli("plot", str(src), "--out", str(tmp_path / "both.png"))
+    assert done.returncode == 0 and "wrote" in done.stdout, done.stderr
+    only = {k: v for k, v in result.items() if k != "per_layer"}
+    assert len(spectral_density_figure(only).axes) == 1
+
+
+def test_hessian_axes_say_filter_normalized_when_saved_so(tmp_path: Path) -> None:
+    from flatness.landscape.storage import Surface
+    from flatness.plots.surface import surface_figure
+
+    xs = np.linspace(-1, 1, 5)
+    d = [[np.full((2, 3), 2.0)], [np.full((2, 3), 1.0)]]
+    base = {"directions": "hessian", "hessian_eigenvalues": [4.42, 1.5], "samples": 100, "split": "train"}
+    z = np.add.outer(xs**2, xs**2)
+    unit = Surface(xcoordinates=xs, ycoordinates=xs, values={"train_loss": z}, directions=d, settings=base)
+    assert surface_figure(unit).axes[0].get_xlabel() == "Hessian eigenvector 1 (unit, λ1 = 4.42)"
+    filt = Surface(xcoordinates=xs, ycoordinates=xs, values={"train_loss": z}, directions=d, settings={**base, "hessian_normalize": "filter"})
+    ax = surface_figure(filt).axes[0]
+    assert ax.get_xlabel().startswith("Hessian eigenvector 1, filter-normalized") and "norm 4.9" in ax.get_xlabel()
+    assert "λ1 = 4.42 of the unit vector" in ax.get_xlabel() and "filter-normalized" in ax.get_title()
+    assert "100 train samples" in ax.get_title()

@@ -119,3 +119,33 @@ def test_axis_grid_and_chunks() -> None:
     for p in range(6):  # flat index p is cell [p // nx, p % nx] of the (ny, nx) array: (x_{p % nx}, y_{p // nx})
         assert tuple(pts[p]) == (xs[p % 3], ys[p // 3])
     assert [list(r) for r in chunk_ranges(5, 2)] == [[0, 1], [2, 3], [4]]
+
+
+@pytest.mark.parametrize("tiny", [0.0, 1e-9])
+def test_a_numerically_zero_filter_stays_zero(tiny: float) -> None:
+    """A unit without gradient (zero or round-off row of a Hessian eigenvector) is not blown up to the weights' filter norm."""
+    w = [torch.randn(4, 3, generator=torch.Generator().manual_seed(0)) + 1.0, torch.randn(5, 2) + 1.0]
+    d = [torch.randn(4, 3), torch.randn(5, 2)]
+    d[0][2] = tiny  # one dead unit
+    d[1] = d[1] * tiny  # a whole tensor without gradient
+    out = normalize_direction(d, w, norm="filter", ignore="none")
+    assert float(out[0][2].norm()) == 0.0 and float(out[1].norm()) == 0.0
+    live = [0, 1, 3]
+    assert torch.allclose(out[0][live].norm(dim=1), w[0][live].norm(dim=1), rtol=1e-5)  # every live filter as before
+    layer = normalize_direction(d, w, norm="layer", ignore="none")
+    assert float(layer[1].norm()) == 0.0 and float(layer[0].norm()) == pytest.approx(float(w[0].norm()), rel=1e-5)
+
+
+def test_hessian_direction_of_a_dead_unit_stays_zero() -> None:
+    """The case of the issue: filter-normalized Hessian eigenvectors of a net with a dead ReLU unit."""
+    from flatness.landscape.hessian_directions import hessian_directions
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        net[0].bias[3] = -100.0  # unit 3 never fires: no gradient, zero Hessian rows
+    x, y = torch.randn(256, 10), torch.randint(0, 4, (256,))
+    raw, _ = hessian_directions(net, nn.functional.cross_entropy, [(x, y)], 1)
+    assert 0 < float(raw[0][0][3].norm()) < 1e-2 * float(raw[0][0].norm(dim=1).max())  # Lanczos accuracy, not exactly 0
+    (d,), _ = hessian_directions(net, nn.functional.cross_entropy, [(x, y)], 1, normalize="filter")
+    assert float(d[0][3].norm()) == 0.0 and float(d[0][0].norm()) == pytest.approx(float(net[0].weight[0].norm()), rel=1e-4)

@@ -81,6 +81,8 @@ ROWS = [
     row("surface-grid-min-above-max", SURFACE + ["cnn1d.pt", "--x", "1:0:5", "--out", "s.h5"], r"--x 1:0:5: grid MIN must be smaller than MAX"),
     row("surface-grid-not-numbers", SURFACE + ["cnn1d.pt", "--x", "a:b:c", "--out", "s.h5"], r"--x expects numbers for MIN and MAX"),
     row("surface-grid-zero-points", SURFACE + ["cnn1d.pt", "--x", "-1:1:0", "--out", "s.h5"], r"grid size N must be a positive integer, got 0"),
+    row("surface-no-grid", SURFACE + ["cnn1d.pt", "--out", "s.h5"], r"--x MIN:MAX:N is required \(only --directions pca"),
+    row("surface-pca-y-without-x", SURFACE + ["cnn1d.pt", "--directions", "pca", "--y", "-1:1:3", "--out", "s.h5"], r"give both --x and --y, or neither"),
     row("surface-samples-0", SURFACE + ["cnn1d.pt", *X, "--samples", "0", "--out", "s.h5"], r"--samples: expected a positive integer, got 0"),
     row("surface-existing-out", SURFACE + ["cnn1d.pt", *X, "--out", "surface.h5"], r"surface\.h5 already exists; pass --resume .* or --force"),
     row("surface-resume-other-settings", SURFACE + ["cnn1d.pt", "--x", "-1:1:5", "--out", "surface.h5", "--resume"], r"cannot resume surface\.h5: .*other settings"),

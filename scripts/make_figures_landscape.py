@@ -8,7 +8,9 @@ with :mod:`flatness.plots.surface`:
 - ``surface_contour.png``, ``surface_filled.png``, ``surface_heatmap.png``,
   ``surface_3d.png``: a 2-D filter-normalized surface;
 - ``surface_pca_trajectory.png``: the surface in the plane of the first two
-  PCA directions of the run's checkpoints, with the projected trajectory.
+  PCA directions of the run's checkpoints, with the projected trajectory, on
+  the default grid that covers the trajectory;
+- ``surface_hessian.png``: the plane of the top two Hessian eigenvectors (unit).
 
 Usage::
 
@@ -56,16 +58,8 @@ def main() -> None:
     for kind in ("contour", "filled", "heatmap", "3d"):
         plot_surface(s2, out / f"surface_{kind}.png", kind=kind, vmax=None)
 
-    s3 = surface("pca.h5", x="-1:1:5", y="-1:1:5", directions="pca", run=str(result.run_dir))
-    traj = s3.trajectory
-    if traj is None:
-        raise SystemExit("the PCA surface has no trajectory")
-    pad = 0.25
-    lo_x, hi_x = float(traj[:, 0].min()), float(traj[:, 0].max())
-    lo_y, hi_y = float(traj[:, 1].min()), float(traj[:, 1].max())
-    wx, wy = (hi_x - lo_x) * pad + 1e-3, (hi_y - lo_y) * pad + 1e-3
-    surface("pca.h5", x=f"{lo_x - wx:.4g}:{hi_x + wx:.4g}:{args.n}", y=f"{lo_y - wy:.4g}:{hi_y + wy:.4g}:{args.n}",
-            directions="pca", run=str(result.run_dir))
+    # no x / y: the grid covers the projected trajectory and the centre with a margin (recorded in the file)
+    surface("pca.h5", directions="pca", run=str(result.run_dir))
     plot_surface(read_surface(work / "pca.h5"), out / "surface_pca_trajectory.png", kind="contour", trajectory=True, log=True)
     s4 = surface("hessian.h5", x="-2:2:41", y="-2:2:41", directions="hessian")
     plot_surface(s4, out / "surface_hessian.png", kind="contour")

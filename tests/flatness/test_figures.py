@@ -243,3 +243,29 @@ def test_hessian_axes_say_filter_normalized_when_saved_so(tmp_path: Path) -> Non
     assert ax.get_xlabel().startswith("Hessian eigenvector 1, filter-normalized") and "norm 4.9" in ax.get_xlabel()
     assert "λ1 = 4.42 of the unit vector" in ax.get_xlabel() and "filter-normalized" in ax.get_title()
     assert "100 train samples" in ax.get_title()
+
+
+@pytest.mark.parametrize("kind", ["contour", "filled", "heatmap"])
+def test_surface_plot_legends_stay_off_the_surface(kind: str) -> None:
+    from flatness.landscape.storage import Surface
+    from flatness.plots.surface import surface_figure
+
+    xs, ys = np.linspace(-3, 1, 9), np.linspace(-1, 2, 7)
+    z = np.add.outer(ys**2, xs**2) + 0.1
+    path = np.array([[-2.5, 1.5], [-1.0, 0.8], [0.0, 0.0]])
+    s = Surface(xcoordinates=xs, ycoordinates=ys, values={"train_loss": z}, settings={"directions": "pca", "samples": 50},
+                extra={"proj_xcoord": path[:, 0], "proj_ycoord": path[:, 1], "proj_epochs": np.array([1, 2, 3])})
+    fig = surface_figure(s, kind=kind, trajectory=True)
+    assert legend_over_data(fig) == []
+    assert fig.axes[0].get_xlim() == (-3.0, 1.0) and "leaves the grid" not in fig.axes[0].get_title()
+
+
+def test_curvature_tracks_colour_by_method_and_keep_the_legend_outside() -> None:
+    from flatness.plots.curvature import CurvatureTrack, curvature_figure
+
+    tracks = [CurvatureTrack(f"{m} s{s}", [{"step": 10 * k, "lambda_max": 2.0 + k + s} for k in range(1, 6)],
+                             {"method": "sgd", "lr": 0.1, "seed": s}, series=(m, s)) for m in ("sgd", "sgd-2x") for s in (0, 1)]
+    fig = curvature_figure(tracks)
+    styles = line_styles(fig.axes[0])[:4]
+    assert len({(c, ls) for c, ls, _ in styles}) == 4 and len({c for c, _, _ in styles}) == 2
+    assert legend_over_data(fig) == []

@@ -101,7 +101,7 @@ def sharpness_figure(entries: list[dict], out: Path, settings: Any = None) -> Pa
         ax.set_xscale("log")
         ax.set_yscale("log")
         _method_seed_legend(ax if not ratio_panel else axes[0, 1], styles, marker_only=True,
-                            extra=[(_line(plt, "0.35", "-"), "line: mean over seeds"), (_patch(plt), "band: \u00b1 sd over seeds")])
+                            extra=[(_line("0.35", "-"), "line: mean over seeds"), (_patch(), "band: ± sd over seeds")])
     else:
         ax.text(0.5, 0.5, "no positive loss increase at any radius > 0", transform=ax.transAxes, ha="center")
     ax.set_xlabel(r"relative radius $\sigma$ (noise std = $\sigma\,\|$filter$\|$)")
@@ -116,7 +116,7 @@ def sharpness_figure(entries: list[dict], out: Path, settings: Any = None) -> Pa
             for g, (r, inc) in means.items():
                 common = np.intersect1d(r, br)
                 ratio = inc[np.isin(r, common)] / bi[np.isin(br, common)]
-                rax.plot(common, ratio, color=styles.color(g), lw=1.6, marker="o", ms=3)
+                rax.plot(common, ratio, color=styles.color(g), lw=1.6)  # no marker: markers mean seeds here
             rax.axhline(1.0, color="k", lw=0.8, ls="--")
             rax.set_xscale("log")
             rax.set_ylabel(f"mean loss increase / {base}'s")
@@ -126,13 +126,13 @@ def sharpness_figure(entries: list[dict], out: Path, settings: Any = None) -> Pa
     return _save(fig, out, "sharpness.png")
 
 
-def _line(plt: Any, color: Any, ls: Any) -> Any:
+def _line(color: Any, ls: Any) -> Any:
     from matplotlib.lines import Line2D
 
     return Line2D([], [], color=color, ls=ls, lw=1.6)
 
 
-def _patch(plt: Any) -> Any:
+def _patch() -> Any:
     from matplotlib.patches import Patch
 
     return Patch(color="0.35", alpha=0.2)

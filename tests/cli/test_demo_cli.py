@@ -61,3 +61,17 @@ def test_out_below_a_file_refused_before_training(tmp_path: Path) -> None:
     r = run_cli("demo", "--out", str(blocker / "demo"), "--device", "cpu")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not a folder" in r.stderr, r.stderr
     assert blocker.read_text() == "keep"
+
+
+def test_one_method_demo_writes_no_empty_figure_and_says_why_nothing_is_paired(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    r = run_cli("demo", "--out", str(out), "--epochs", "1", "--seeds", "2", "--methods", "sgd", "--surface", "1d",
+                "--samples", "64", "--workers", "2", "--device", "cpu", timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "No artists with labels" not in r.stderr and "Warning" not in r.stderr
+    report = out / "report"
+    assert not (report / "interpolation.png").exists() and (report / "training.png").exists()
+    data = json.loads((report / "report.json").read_text())
+    assert data["conclusion"] == ["One method only (sgd 2 seeds): there is no second method to pair it with, "
+                                  "so no difference is reported."]
+    assert "One method only (sgd 2 seeds)" in r.stdout

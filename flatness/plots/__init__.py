@@ -5,4 +5,5 @@
 - :mod:`flatness.plots.density`: Hessian spectral density.
 - :mod:`flatness.plots.per_layer`: per-layer (block-diagonal) curvature bars.
 - :mod:`flatness.plots.curvature`: lambda_max during training with the SGD stability lines.
+- :mod:`flatness.plots.style`: colour = method, line style / marker = seed, legends outside the data.
 """

@@ -3,9 +3,11 @@
 Draws the ``per_layer`` list of a ``flatness hessian --per-layer`` result
 (or the :class:`flatness.curvature.LayerCurvature` list of
 :func:`flatness.curvature.per_layer_curvature`): two panels sharing the
-layer axis, top eigenvalue above and trace below, on a symmetric-log scale
-so layers of very different curvature stay readable and negative values
-(saddle directions) are shown. Matplotlib is imported inside the function
+layer axis, top eigenvalue above and trace below, on a log scale so layers
+of very different curvature stay readable (symmetric-log when a value is
+negative, a saddle direction; see :func:`set_value_scale`). A comparison
+draws every checkpoint: a bar per method (mean over its seeds) and a marker
+per seed. Matplotlib is imported inside the function
 and used through its object-oriented API on an Agg canvas.
 """
 

@@ -40,9 +40,10 @@ def _groups(entries: list[dict]) -> dict[str, list[dict]]:
 
 
 def _on(settings: Any) -> str:
-    """What the measures are taken on, for titles: the first N training samples, eval mode."""
+    """What the measures are taken on, for titles: the first N samples of the split, eval mode."""
     n = getattr(settings, "samples", None)
-    return f"{n} training samples, eval mode" if n else "analysis samples, eval mode"
+    split = {"train": "training", "val": "validation", "test": "test"}.get(getattr(settings, "split", "train"), "analysis")
+    return f"{n} {split} samples, eval mode" if n else "analysis samples, eval mode"
 
 
 def _method_seed_legend(ax: Any, styles: SeriesStyles, *, drawn: list[dict] | None = None, marker_only: bool = False,

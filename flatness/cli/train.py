@@ -20,6 +20,7 @@ EXAMPLES = """\
   flatness train --method m-arwp --mix-batches alternate --epochs 60 --out runs/alt   # 120 data epochs, same updates
   flatness train --method sam --val-split 500 --out runs/sam-val   # hold out 500 training samples
   flatness train --method sgd --track-curvature 50 --save-every 50 --out runs/eos   # lambda_max every 50 updates
+  flatness train --method sam --track-curvature 50 --log tensorboard runs/sam/tb --out runs/sam   # + TensorBoard
   torchrun --nproc_per_node 2 -m flatness train --method sam --out runs/ddp   # DistributedDataParallel
   torchrun --nproc_per_node 2 -m flatness train --method m-arwp --parallel-roles --out runs/par
   flatness train --model mymod.py:build --data mymod.py:data --loss mymod.py:lm_loss --out runs/mine   # your own code
@@ -71,6 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--track-trace", action="store_true", help="with --track-curvature, also the Hessian trace (Hutch++)")
     g.add_argument("--track-samples", type=int, default=d.track_samples, help="samples of the fixed analysis batch")
     g.add_argument("--no-epoch-checkpoints", action="store_true", help="keep only last.pt and final.pt")
+    g.add_argument("--log", nargs=2, metavar=("KIND", "DIR"), default=None,
+                   help="also log metrics and curvature: tensorboard DIR, or your own module:callable DIR")
     add_common(g)
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=d.epochs,
@@ -170,8 +173,14 @@ def run(args: argparse.Namespace) -> int:
         raise FlatnessError("--allow-changed accepts changes since a run was trained; it needs --resume")
     allow = parse_allow_changed(args.allow_changed)
     config = _resumed_config(args, saved, fields, out) if saved is not None else TrainConfig(**fields)
-    result = train(config, out, device=args.device, resume=args.resume, force=args.force, quiet=args.quiet,
-                   replan_schedule=args.replan_schedule, allow_changed=allow)
+    from flatness.integrations.loggers import make_logger
+
+    logger = make_logger(*args.log) if args.log else None
+    try:
+        result = train(config, out, device=args.device, resume=args.resume, force=args.force, quiet=args.quiet,
+                       replan_schedule=args.replan_schedule, allow_changed=allow, logger=logger)
+    finally:
+        getattr(logger, "close", lambda: None)()
     if result.is_main:
         last = result.metrics[-1] if result.metrics else {}
         print(

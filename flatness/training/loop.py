@@ -230,6 +230,7 @@ class _Session:
     replan_schedule: bool = False
     allow_changed: frozenset[str] = frozenset()
     replans: list[dict[str, int]] = field(default_factory=list)
+    logger: Any = None  # log(metrics, step), e.g. flatness.integrations.loggers (rank 0 only)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -265,6 +266,7 @@ def train(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     replan_schedule: bool = False,
     allow_changed: frozenset[str] = frozenset(),
+    logger: Any = None,
 ) -> TrainResult:
     """Train ``config.model`` on ``config.data`` with ``config.method``; write a run directory.
 
@@ -281,6 +283,8 @@ def train(
             new length from the current update (recorded in ``schedule_replans``).
         allow_changed: on resume, accept user code (``"code"``) or data
             (``"data"``) whose content differs from the run's fingerprint.
+        logger: ``log(metrics, step)`` for each epoch row and curvature row
+            (:mod:`flatness.integrations.loggers`).
 
     Raises:
         FlatnessError: bad settings, an existing ``out`` without
@@ -294,7 +298,7 @@ def train(
     dev = distributed.local_device(resolve_device(device))
     with distributed.process_group(dev) as info:
         s = _prepare(config, spec, dev, info)
-        s.quiet, s.on_epoch = quiet, on_epoch
+        s.quiet, s.on_epoch, s.logger = quiet, on_epoch, logger
         s.replan_schedule, s.allow_changed = replan_schedule, frozenset(allow_changed)
         with _open_run(out, resume=resume, force=force, info=info) as (run, resuming):
             s.run = run
@@ -569,8 +573,10 @@ def _after_update(s: _Session, state: _State, epoch: int) -> None:
         state.sigma_schedule.step()
     if state.tracker is not None and state.tracker.due(state.step) and s.info.is_main:
         _check_finite(s, state, epoch, weights=True)
-        state.tracker.measure(s.model, state.step)
+        row = state.tracker.measure(s.model, state.step)
         s.model.train()
+        if s.logger is not None:
+            s.logger.log({f"curvature/{k}": v for k, v in row.items() if k != "step"}, state.step)
     every = s.config.save_every
     if every and state.step % every == 0 and state.batch_in_epoch < s.batches_per_epoch:
         _check_finite(s, state, epoch, weights=True)
@@ -613,5 +619,7 @@ def _end_epoch(s: _Session, state: _State, epoch: int) -> None:
     _save(s, state, s.run.last)
     if s.info.is_main:
         _write_rows(s, state)
+        if s.logger is not None:
+            s.logger.log(row, state.step)
     if s.on_epoch is not None:
         s.on_epoch(row)

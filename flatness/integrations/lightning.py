@@ -26,7 +26,9 @@ What is computed. Let a window be the micro-batches :math:`B_1..B_k`
 shorter) and :math:`L_i` the loss ``training_step`` returns on :math:`B_i`.
 The mixin keeps the window's batches (``on_train_batch_start``), skips
 Lightning's own backward passes over :math:`B_1..B_{k-1}` (their forward
-still runs), and hands the optimizer a closure that *sweeps* the window:
+still runs, once, wasted; it updates no BatchNorm running statistics and
+leaves the global RNG state as it found it), and hands the optimizer a
+closure that *sweeps* the window:
 forward + backward of :math:`L_i / k` for every :math:`i` in order, the last
 through Lightning's own closure. So every call of the closure yields
 :math:`\nabla \frac1k \sum_i L_i` at the current weights, and
@@ -54,7 +56,7 @@ DDP: the window's first ``k - 1`` backward passes run under the strategy's
 Gradient clipping (``gradient_clip_val``) runs after every pass, i.e. on the
 clean gradient before :math:`\epsilon` and on the gradient that is applied.
 :class:`~flatness.optim.DeltaSAM` (per-sample closure) is not supported here:
-use manual optimization with its closure.
+use manual optimization with its closure. Details: docs/integrations.md.
 """
 
 from __future__ import annotations

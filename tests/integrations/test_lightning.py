@@ -163,3 +163,50 @@ def test_curvature_callback_matches_flatness_hessian(tmp_path: Path, subprocess_
     want = json.loads((tmp_path / "h.json").read_text())["top_eigenvalues"][0]
     assert callback.rows[-1]["lambda_max"] == pytest.approx(want, rel=1e-4)
     assert module.training  # measured in eval mode, handed back in train mode
+
+
+class LitScaled(Lit):
+    """SAM that steps Lightning's GradScaler itself (``precision="16-mixed"``)."""
+
+    def configure_optimizers(self):  # noqa: ANN201
+        scaler = self.trainer.precision_plugin.scaler if self.method == "sam-scaled" else None
+        return SAM(self.net.parameters(), torch.optim.SGD, rho=0.05, model=self.net, lr=0.2, momentum=0.9, grad_scaler=scaler)
+
+
+def _fp16_trainer() -> "L.Trainer":
+    """16-mixed with a GradScaler on CPU (Lightning gives CPU fp16 no scaler by default; CUDA has one)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    return L.Trainer(max_epochs=1, accelerator="cpu", devices=1, plugins=[plugin], logger=False, enable_progress_bar=False,
+                     enable_checkpointing=False, enable_model_summary=False)
+
+
+def test_fp16_with_the_trainers_grad_scaler_equals_the_plain_scaled_loop() -> None:
+    module = LitScaled("sam-scaled")
+    train, _ = data(6 * BATCH)
+    trainer = _fp16_trainer()
+    trainer.fit(module, DataLoader(train, batch_size=BATCH))
+    net = build()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, model=net, lr=0.2, momentum=0.9, grad_scaler=scaler)
+    net.train()
+    for x, y in DataLoader(train, batch_size=BATCH):
+
+        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(net(x), y)
+            scaler.scale(loss).backward()
+            return loss
+
+        opt.zero_grad(set_to_none=True)
+        opt.step(closure)
+    assert trainer.optimizers[0].num_updates == 6
+    assert trainer.precision_plugin.scaler.get_scale() == scaler.get_scale()
+    _assert_same(module, {n: t.detach() for n, t in net.state_dict().items()})
+
+
+def test_fp16_without_the_grad_scaler_is_refused() -> None:
+    train, _ = data(2 * BATCH)
+    with pytest.raises(ValueError, match=r"build SAM with grad_scaler=self.trainer.precision_plugin.scaler"):
+        _fp16_trainer().fit(LitScaled("sam"), DataLoader(train, batch_size=BATCH))

@@ -11,4 +11,5 @@ def require(module: str, extra: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(f"{module} is needed for this (it failed to import: {e}); pip install 'flatness[{extra}]'") from None
+        detail = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ImportError(f"{module} is needed for this ({detail}); pip install 'flatness[{extra}]'") from None

@@ -148,7 +148,10 @@ class FlatnessTrainer(transformers.Trainer):
             self.optimizer = self._flatness_step
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if model is None:  # transformers < 5 has no model argument
+            super().create_optimizer()
+        else:
+            super().create_optimizer(model)
         self._wrap_optimizer()
         return self.optimizer
 

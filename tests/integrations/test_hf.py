@@ -54,7 +54,7 @@ def make_optimizer(method: str, model: torch.nn.Module) -> torch.optim.Optimizer
                  mix_batches=method.split("-")[1], model=model, seed=4)
 
 
-def plain_loop(method: str, windows: int, k: int) -> dict[str, torch.Tensor]:
+def plain_loop(method: str, windows: int, k: int, bf16: bool = False) -> dict[str, torch.Tensor]:
     model = tiny_gpt2()
     opt = make_optimizer(method, model)
     sched = StepOnUpdate(transformers.get_linear_schedule_with_warmup(opt, 0, windows), opt)
@@ -67,7 +67,8 @@ def plain_loop(method: str, windows: int, k: int) -> dict[str, torch.Tensor]:
         def closure(window=window, tokens=tokens) -> torch.Tensor:
             total = torch.zeros(())
             for b in window:
-                loss = model(input_ids=b, labels=labels_of(b), num_items_in_batch=torch.tensor(tokens)).loss
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = model(input_ids=b, labels=labels_of(b), num_items_in_batch=torch.tensor(tokens)).loss
                 loss.backward()
                 total += loss.detach()
             return total
@@ -78,13 +79,13 @@ def plain_loop(method: str, windows: int, k: int) -> dict[str, torch.Tensor]:
     return {n: t.detach().clone() for n, t in model.state_dict().items()}
 
 
-def trainer_run(method: str, windows: int, k: int, tmp_path: Path, callbacks: list | None = None) -> FlatnessTrainer:
+def trainer_run(method: str, windows: int, k: int, tmp_path: Path, callbacks: list | None = None, bf16: bool = False) -> FlatnessTrainer:
     model = tiny_gpt2()
     data = [{"input_ids": s, "labels": labels_of(s)} for s in sequences(windows * k * BATCH)]
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "hf"), per_device_train_batch_size=BATCH, gradient_accumulation_steps=k,
         max_steps=windows, lr_scheduler_type="linear", warmup_steps=0, train_sampling_strategy="sequential",
-        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
+        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, bf16=bf16,
     )
     trainer = FlatnessTrainer(model=model, args=args, train_dataset=data, optimizers=(make_optimizer(method, model), None),
                               callbacks=callbacks)
@@ -104,6 +105,12 @@ def test_trainer_equals_the_plain_loop(method: str, k: int, tmp_path: Path) -> N
     _assert_same(trainer.model, plain_loop(method, 6, k))
     raw = trainer.flatness_optimizer
     assert raw.num_updates == (3 if method.endswith("alternate") else 6)
+
+
+def test_bf16_autocast_equals_the_plain_autocast_loop(tmp_path: Path) -> None:
+    """``bf16=True``: every pass of both sweeps runs under the Trainer's autocast."""
+    trainer = trainer_run("marwp-same", 4, 2, tmp_path, bf16=True)
+    _assert_same(trainer.model, plain_loop("marwp-same", 4, 2, bf16=True))
 
 
 def test_curvature_callback_matches_flatness_hessian(tmp_path: Path, subprocess_env: dict[str, str]) -> None:

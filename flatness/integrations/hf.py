@@ -33,10 +33,9 @@ that the update was made; ``state_dict`` is the method's. The LR scheduler
 is wrapped in :class:`~flatness.optim.StepOnUpdate`, so it steps per weight
 update (``"alternate"``: the Trainer's ``global_step`` counts windows, two per
 update). ``max_grad_norm`` clipping runs after the update (on the gradient that
-was applied; it changes nothing). Mixed precision: ``bf16=True`` as is;
-``fp16=True`` needs the optimizer built with
-``grad_scaler=trainer.accelerator.scaler``. :class:`~flatness.optim.DeltaSAM` is
-not supported here.
+was applied; it changes nothing). Mixed precision: ``bf16=True`` (tested);
+``fp16=True`` (a GradScaler) is refused in one line.
+:class:`~flatness.optim.DeltaSAM` is not supported here.
 """
 
 from __future__ import annotations
@@ -167,11 +166,10 @@ class FlatnessTrainer(transformers.Trainer):
         raw = self.flatness_optimizer
         if raw is None:
             return super().training_step(model, inputs, num_items_in_batch)
-        scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is not None and raw.grad_scaler is not scaler:
+        if getattr(self.accelerator, "scaler", None) is not None:
             raise ValueError(
-                f"fp16 scales the loss; build {type(raw).__name__} with grad_scaler=trainer.accelerator.scaler "
-                "so that it unscales and steps once per update"
+                "FlatnessTrainer does not run fp16 with a GradScaler (the Trainer would step and update the scaler "
+                "a second time after the method's update); use bf16=True, or a plain loop with grad_scaler="
             )
         self._flatness_window.append(inputs)
         if not self.accelerator.sync_gradients:  # more micro-batches of this window follow

@@ -117,8 +117,8 @@ class FlatnessMixin:
 
     Put it before ``LightningModule`` in the bases. It overrides
     ``on_train_batch_start`` (keeps the micro-batch; an override of yours must
-    call ``super().on_train_batch_start(batch, batch_idx)``), ``backward``,
-    ``optimizer_step`` and ``lr_scheduler_step``; with any other optimizer
+    call ``super().on_train_batch_start(batch, batch_idx)``), ``on_train_batch_end``
+    (likewise), ``backward``, ``optimizer_step`` and ``lr_scheduler_step``; with any other optimizer
     (or with manual optimization) they do what Lightning does. See the module
     docs for what is computed.
     """
@@ -143,6 +143,10 @@ class FlatnessMixin:
             if (batch_idx + 1) % k != 0 and batch_idx + 1 != self.trainer.num_training_batches:
                 self._flatness_discarded = _DiscardedPass(self)  # Lightning's own pass; the sweep redoes it
         return super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._flatness_end_discarded_pass()  # also when training_step returned None (no backward)
+        return super().on_train_batch_end(outputs, batch, batch_idx)  # type: ignore[misc]
 
     def _flatness_end_discarded_pass(self) -> None:
         discarded = getattr(self, "_flatness_discarded", None)

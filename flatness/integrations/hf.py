@@ -162,6 +162,14 @@ class FlatnessTrainer(transformers.Trainer):
             self.lr_scheduler = scheduler = StepOnUpdate(scheduler, raw)
         return scheduler
 
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's log, with the curvature rows measured since the last one (to every ``report_to``)."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, CurvatureCallback) and callback.pending is not None:
+                logs.update(callback.pending)
+                callback.pending = None
+        super().log(logs, *args, **kwargs)
+
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Tensor:
         raw = self.flatness_optimizer
         if raw is None:
@@ -210,11 +218,13 @@ class CurvatureCallback(transformers.TrainerCallback):
     ``loss_fn`` over ``batch`` (model in eval mode), warm-started from the
     previous top eigenvector. Updates are counted after each optimizer step
     whose method reports ``last_step_updated`` (plain optimizers: every
-    step). Each row is appended to the Trainer's ``state.log_history``
-    (``trainer_state.json``) with ``curvature/``-prefixed keys, sent to
-    ``logger`` (anything with ``log(metrics, step)``, e.g.
-    :class:`flatness.integrations.loggers.tensorboard.TensorBoardLogger`)
-    and kept in :attr:`rows`. Measured on the main process only.
+    step). Each row, with ``curvature/``-prefixed keys and ``update``, is
+    logged at that step: under :class:`FlatnessTrainer` it joins the Trainer's
+    own log (so every ``report_to`` integration and ``trainer_state.json`` get
+    it); under a plain ``Trainer`` it is appended to ``state.log_history``.
+    It also goes to ``logger`` (anything with ``log(metrics, step)``, e.g.
+    :class:`flatness.integrations.loggers.tensorboard.TensorBoardLogger`) and
+    stays in :attr:`rows`. Measured on the main process only.
 
     Args:
         batch: the fixed analysis batch, e.g. ``{"input_ids": ..., "labels": ...}``.
@@ -233,6 +243,7 @@ class CurvatureCallback(transformers.TrainerCallback):
         self.tracker = CurvatureTracker(every, trace, batch, loss_fn=loss_fn or model_loss, **tracker_kwargs)
         self.logger = logger
         self.updates = 0
+        self.pending: dict[str, Any] | None = None
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -253,9 +264,15 @@ class CurvatureCallback(transformers.TrainerCallback):
         row = self.tracker.measure(model, self.updates)
         model.train(was_training)
         metrics = {f"curvature/{k}": v for k, v in row.items() if k != "step"}
-        state.log_history.append({**metrics, "update": self.updates, "step": state.global_step})
+        self.pending = {**metrics, "update": self.updates}
+        control.should_log = True  # FlatnessTrainer.log adds the row to this step's log
         if self.logger is not None:
             self.logger.log(metrics, self.updates)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if self.pending is not None:  # a plain Trainer: record the row in the history on its own
+            state.log_history.append({**self.pending, "step": state.global_step})
+            self.pending = None
 
 
 def _to(batch: Any, device: torch.device) -> Any:

@@ -119,7 +119,9 @@ def test_curvature_callback_matches_flatness_hessian(tmp_path: Path, subprocess_
     callback = CurvatureCallback({"input_ids": fixed, "labels": fixed}, every=2)
     trainer = trainer_run("marwp-alternate", 8, 1, tmp_path, callbacks=[callback])  # 8 windows, 4 updates
     assert [r["step"] for r in callback.rows] == [2, 4]
-    assert [e["update"] for e in trainer.state.log_history if "curvature/lambda_max" in e] == [2, 4]
+    logged = [e for e in trainer.state.log_history if "curvature/lambda_max" in e]
+    assert [e["update"] for e in logged] == [2, 4]
+    assert all("loss" in e and "learning_rate" in e for e in logged)  # joined the Trainer's own log at that step
     torch.save(copy.deepcopy(trainer.model.state_dict()), tmp_path / "weights.pt")
     (tmp_path / "lm.py").write_text(textwrap.dedent(
         f"""
@@ -145,3 +147,36 @@ def test_curvature_callback_matches_flatness_hessian(tmp_path: Path, subprocess_
     assert res.returncode == 0, res.stderr
     want = json.loads((tmp_path / "h.json").read_text())["top_eigenvalues"][0]
     assert callback.rows[-1]["lambda_max"] == pytest.approx(want, rel=1e-4)
+
+
+def test_curvature_reaches_report_to_tensorboard_and_a_plain_trainer(tmp_path: Path) -> None:
+    """Under FlatnessTrainer the rows reach ``report_to`` (TensorBoard here); under a plain Trainer, the log history."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    fixed = sequences(16)
+    callback = CurvatureCallback({"input_ids": fixed, "labels": labels_of(fixed)}, every=2)
+    model = tiny_gpt2()
+    data = [{"input_ids": s, "labels": labels_of(s)} for s in sequences(4 * BATCH)]
+    tb = tmp_path / "hf"  # the Trainer's TensorBoard events go under output_dir/runs/
+    args = transformers.TrainingArguments(
+        output_dir=str(tb), per_device_train_batch_size=BATCH, max_steps=4, report_to=["tensorboard"],
+        save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    FlatnessTrainer(model=model, args=args, train_dataset=data, optimizers=(make_optimizer("sam", model), None), callbacks=[callback]).train()
+    files = list(tb.rglob("events.out.tfevents.*"))
+    assert files, f"no event file under {tb}"
+    acc = event_accumulator.EventAccumulator(str(files[0].parent))
+    acc.Reload()
+    scalars = acc.Scalars("train/curvature/lambda_max")
+    assert [e.step for e in scalars] == [2, 4]
+    assert [e.value for e in scalars] == pytest.approx([r["lambda_max"] for r in callback.rows], rel=1e-6)
+
+    plain = CurvatureCallback({"input_ids": fixed, "labels": labels_of(fixed)}, every=2)
+    model = tiny_gpt2()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "plain"), per_device_train_batch_size=BATCH, max_steps=4, report_to=[],
+        save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                                   optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None), callbacks=[plain])
+    trainer.train()
+    assert [e["update"] for e in trainer.state.log_history if "curvature/lambda_max" in e] == [2, 4]

@@ -32,20 +32,27 @@ from torch.utils.data import TensorDataset
 
 
 def resnet(width: int = 8, classes: int = 4, in_chans: int = 1) -> nn.Module:
-    """``--model examples/timm_models.py:resnet``: a two-stage timm ResNet of BasicBlocks (with BatchNorm)."""
+    """``--model examples/timm_models.py:resnet``: a timm ResNet-10 of BasicBlocks (BatchNorm), ``width`` channels wide."""
     from timm.models.resnet import BasicBlock, ResNet
 
-    return ResNet(BasicBlock, [1, 1], channels=(width, 2 * width), stem_width=width, num_classes=classes, in_chans=in_chans)
+    channels = (width, width, 2 * width, 2 * width)
+    # the "deep" stem (three 3x3 convolutions) is as narrow as the stages; the default stem has 64 channels
+    return ResNet(BasicBlock, [1, 1, 1, 1], channels=channels, stem_type="deep", stem_width=max(1, width // 2),
+                  num_classes=classes, in_chans=in_chans)
 
 
 def vit(dim: int = 16, depth: int = 1, heads: int = 2, size: int = 12, patch: int = 4, classes: int = 4, in_chans: int = 1) -> nn.Module:
     """``--model examples/timm_models.py:vit``: a timm VisionTransformer on ``size`` x ``size`` images."""
     from timm.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(
+    model = VisionTransformer(
         img_size=size, patch_size=patch, in_chans=in_chans, num_classes=classes, embed_dim=dim, depth=depth,
         num_heads=heads, mlp_ratio=2.0,
     )
+    for module in model.modules():  # plain attention matmuls: the fused CPU kernel has no double backward
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    return model
 
 
 def images(n_train: int = 512, n_test: int = 256, size: int = 12) -> tuple[TensorDataset, TensorDataset]:

@@ -12,8 +12,9 @@ Command line (``--model`` / ``--data`` / ``--loss`` name ``file.py:function``;
     python -m flatness surface runs/gpt2 --dim 1 --x=-1:1:21 --samples 128 --out gpt2.h5
 
     python -m flatness train --model examples/hf_models.py:bert --data examples/hf_models.py:sentences \\
-        --loss examples/hf_models.py:cls_loss --method m-arwp --epochs 3 --out runs/bert
-    python -m flatness compare runs/bert runs/gpt2-like-run ...   # any two runs of one model
+        --loss examples/hf_models.py:cls_loss --method m-arwp --epochs 3 --out runs/bert-marwp
+    python -m flatness train ... --method sam --out runs/bert-sam          # the same with SAM
+    python -m flatness compare runs/bert-marwp runs/bert-sam --samples 128 --out bert-report
 
     # weights saved by your own script (model.state_dict()):
     python -m flatness hessian gpt2_weights.pt --model examples/hf_models.py:gpt2 \\

@@ -107,11 +107,11 @@ class Lit(FlatnessMixin, L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": make_scheduler(opt), "interval": "step"}}
 
 
-def lightning_run(method: str, calls: int, k: int = 1, precision: str = "32-true", callbacks: list | None = None) -> Lit:
+def lightning_run(method: str, calls: int, k: int = 1, precision: str = "32-true", callbacks: list | None = None, logger=False) -> Lit:  # noqa: ANN001
     module = Lit(method)
     train, _ = data(calls * k * BATCH)
     trainer = L.Trainer(
-        max_epochs=1, accelerator="cpu", devices=1, accumulate_grad_batches=k, precision=precision, logger=False,
+        max_epochs=1, accelerator="cpu", devices=1, accumulate_grad_batches=k, precision=precision, logger=logger,
         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False, callbacks=callbacks or [],
     )
     trainer.fit(module, DataLoader(train, batch_size=BATCH))
@@ -154,8 +154,17 @@ def test_curvature_callback_matches_flatness_hessian(tmp_path: Path, subprocess_
     train, _ = data()
     fixed = train.tensors[0][:64], train.tensors[1][:64]
     callback = CurvatureCallback(fixed, every=5)
-    module = lightning_run("marwp-alternate", 20, callbacks=[callback])  # 20 optimizer.step calls, 10 updates
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path / "logs", name="run", version=0)
+    module = lightning_run("marwp-alternate", 20, callbacks=[callback], logger=logger)  # 20 optimizer.step calls, 10 updates
     assert [r["step"] for r in callback.rows] == [5, 10]
+    import csv
+
+    with open(tmp_path / "logs" / "run" / "version_0" / "metrics.csv") as f:
+        logged = [row for row in csv.DictReader(f) if row.get("curvature/lambda_max")]
+    assert [int(r["step"]) for r in logged] == [5, 10]  # the trainer's logger, at step = updates
+    assert [float(r["curvature/lambda_max"]) for r in logged] == pytest.approx([r["lambda_max"] for r in callback.rows], rel=1e-6)
     torch.save(module.net.state_dict(), tmp_path / "weights.pt")
     args = ["--model", "mymod.py:build", "--data", "mymod.py:data", "--samples", "64", "--top-k", "1", "--device", "cpu", "--quiet"]
     res = run_cli("hessian", "weights.pt", *args, "--out", "h.json", cwd=tmp_path, env=subprocess_env)

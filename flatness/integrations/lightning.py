@@ -1,12 +1,12 @@
 r"""Every :mod:`flatness.optim` method under Lightning's automatic optimization.
 
 Lightning calls ``optimizer.step(closure)`` once per accumulation window; a
-plain two-pass optimizer there goes wrong three ways: with
+plain two-pass optimizer there goes wrong two ways: with
 ``accumulate_grad_batches=k`` the closure only covers the last micro-batch
-(the other ``k - 1`` are silently dropped), a per-update LR scheduler steps
-twice per update with ``MARWP(mix_batches="alternate")``, and the gradients
-Lightning leaves in ``.grad`` are refused at the entry of ``step``.
-:class:`FlatnessMixin` fixes all three in the LightningModule, keeping the
+(the other ``k - 1`` were once silently dropped; ``step`` now refuses the
+accumulated gradients), and a per-update LR scheduler steps twice per update
+with ``MARWP(mix_batches="alternate")``.
+:class:`FlatnessMixin` fixes both in the LightningModule, keeping the
 torch.optim contract (Lightning still calls ``optimizer.step(closure)``
 through its precision plugin, so its step counters, hooks and checkpoints
 work as usual)::
@@ -183,7 +183,7 @@ class FlatnessMixin:
                 "super().on_train_batch_start(batch, batch_idx)"
             )
         self._flatness_window = []
-        raw.zero_grad(set_to_none=True)  # the previous update's gradient (Lightning zeroes inside its closure)
+        raw.zero_grad(set_to_none=True)  # what the previous update left (Lightning zeroes inside its closure)
         if scaler is not None:  # the optimizer steps and updates the scaler; Lightning must not
             with _skipped_scaler_step(self.trainer.precision_plugin):
                 optimizer.step(closure=_WindowClosure(self, window, raw, optimizer_closure))

@@ -103,7 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # Options that say how to run, not what the run is: typed on a resume, they are not compared.
-NOT_SETTINGS = {"resume", "out", "device", "quiet", "force", "replan_schedule", "allow_changed", "command", "func", "_parser", "_argv"}
+NOT_SETTINGS = {"resume", "out", "device", "quiet", "force", "replan_schedule", "allow_changed", "log", "command", "func", "_parser", "_argv"}
 # Settings that may differ on a resume: bookkeeping that does not change the numbers.
 BOOKKEEPING = {"save_every", "keep_epochs"}
 FLAG_TO_FIELD = {"no_augment": "augment", "no_epoch_checkpoints": "keep_epochs"}

@@ -43,16 +43,19 @@ through :meth:`HessianOperator.to_scipy` for comparison.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from flatness.curvature.block import WHICH, Search, block_search, error_bounds, order_by, tolerance
+from flatness.curvature.certify import DeflatedOperator, random_check
 from flatness.curvature.operator import as_operator
 
-WHICH = ("largest", "smallest", "magnitude")
+__all__ = ["EigenResult", "error_bounds", "lanczos_smallest_eig", "lanczos_steps", "lanczos_top_eigs"]
 
 
 @dataclass
@@ -69,16 +72,25 @@ class EigenResult:
             list of ``k`` flat tensors instead (``return_vectors=True``) or
             ``None``.
         residuals: ``(k,)`` float64, :math:`\\|Hx_i - \\theta_i x_i\\|`.
-        error_bounds: ``(k,)`` float64 bounds on :math:`|\\lambda - \\theta_i|`:
-            :math:`\\|r_i\\|^2/\\delta_i` where the gap :math:`\\delta_i` to the
-            rest of the Ritz spectrum is resolved, else :math:`\\|r_i\\|`.
-        converged: every error bound met the tolerance (see
-            :func:`lanczos_top_eigs` for what this certifies).
-        hvp_count: operator products used.
+        error_bounds: ``(k,)`` float64 bounds on :math:`|\\lambda - \\theta_i|`
+            (:func:`flatness.curvature.block.error_bounds`).
+        converged: every error bound met the tolerance AND the check showed
+            that no eigenvalue was missed (see :func:`lanczos_top_eigs` for
+            exactly what this certifies, and with what probability).
+        hvp_count: operator products used, the check's included (a block
+            product of ``b`` vectors counts ``b``).
         restarts: thick restarts done.
         which: the part of the spectrum asked for.
-        breakdowns: invariant subspaces found (each continued with a fresh
-            random vector orthogonal to the basis).
+        breakdowns: invariant subspaces found (each continued in a random
+            direction orthogonal to the basis).
+        block_size: vectors per Lanczos step of the search.
+        certified_by: ``"random-start check"`` (probabilistic, see
+            ``verification``), ``"exhausted"`` (the basis spanned the whole
+            space: exact) or ``None`` (not certified).
+        verification: what the check did: ``failure_probability`` (the bound
+            reached), ``target`` (the one asked for), ``threshold``,
+            ``hvp_count`` (its products, within ``hvp_count``), ``runs``,
+            ``found`` (eigenpairs it found that the search had missed).
     """
 
     eigenvalues: Tensor
@@ -90,6 +102,9 @@ class EigenResult:
     which: str = "largest"
     error_bounds: Tensor | None = None
     breakdowns: int = 0
+    block_size: int = 1
+    certified_by: str | None = None
+    verification: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (no vectors)."""
@@ -103,18 +118,35 @@ class EigenResult:
             "restarts": self.restarts,
             "breakdowns": self.breakdowns,
             "which": self.which,
+            "block_size": self.block_size,
+            "certified_by": self.certified_by,
+            "verification": dict(self.verification),
         }
 
 
-@dataclass(frozen=True)
-class _Ritz:
-    """Ritz values (ordered by ``which``), their vectors in the basis, residuals and error bounds."""
+@dataclass
+class _Found:
+    """Every eigenpair found so far (search and check), unordered; ``L`` rows orthonormal."""
 
-    theta: Tensor
-    S: Tensor
-    resid: Tensor
-    bounds: Tensor
-    beta: Tensor
+    theta: Tensor  # host float64
+    L: Tensor  # (p, n) on the device
+    R: Tensor  # (p, n) residual vectors H x - theta x
+    own: Tensor  # error bounds from each pair's own search
+
+    def add(self, s: Search) -> None:
+        # a pair y found on the deflated operator: H y = PHP y + L^T (R_L y), so its residual gains L^T (R_L y)
+        extra = self.L.T @ (self.R @ s.vectors) if self.L.numel() else torch.zeros_like(s.vectors)
+        self.theta = torch.cat([self.theta, s.theta])
+        self.L = torch.cat([self.L, s.vectors.T])
+        self.R = torch.cat([self.R, (s.residual_vectors + extra).T])
+        self.own = torch.cat([self.own, s.bounds])
+
+    def top(self, k: int, which: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The ``k`` wanted values, their vectors ``(n, k)``, residual norms and error bounds."""
+        resid = torch.linalg.vector_norm(self.R, dim=1).to("cpu", torch.float64)
+        bounds = torch.maximum(self.own, error_bounds(self.theta, resid))
+        order = order_by(self.theta, which)[:k]
+        return self.theta[order], self.L[order.to(self.L.device)].T, resid[order], bounds[order]
 
 
 def lanczos_top_eigs(
@@ -128,50 +160,68 @@ def lanczos_top_eigs(
     v0: Tensor | Sequence[Tensor] | None = None,
     seed: int = 0,
     check_every: int | None = None,
+    block_size: int | None = None,
+    failure_probability: float = 1e-3,
 ) -> EigenResult:
-    r"""The ``k`` extreme eigenpairs of a symmetric operator (thick-restart Lanczos).
+    r"""The ``k`` extreme eigenpairs of a symmetric operator, with a check that none was missed.
 
-    Stopping rule. A Ritz pair :math:`(\theta_i, x_i)` with residual
-    :math:`r_i = \|H x_i - \theta_i x_i\|` is within :math:`r_i` of an
-    eigenvalue, and within :math:`r_i^2/\delta_i` when no other eigenvalue
+    Two phases, every product counted in ``hvp_count``:
+
+    1. Search: block thick-restart Lanczos (:mod:`flatness.curvature.block`)
+       with ``block_size`` start vectors, until the error bound of each of the
+       ``k`` wanted Ritz values meets ``tol``.
+    2. Check (:mod:`flatness.curvature.certify`): Lanczos on the operator
+       deflated by the found vectors, from a fresh random vector, until it
+       shows, with failure probability at most ``failure_probability``, that
+       no eigenvalue beyond the ``k``-th found one (by more than its
+       tolerance) was missed. If a Ritz value of the check crosses that
+       threshold instead, the search missed an eigenvalue (a copy of a
+       repeated one, say): it is converged on the deflated operator, added,
+       and the check starts again.
+
+    Stopping rule (each value). A Ritz pair :math:`(\theta_i, x_i)` with
+    residual :math:`r_i = \|H x_i - \theta_i x_i\|` is within :math:`r_i` of
+    an eigenvalue, and within :math:`r_i^2/\delta_i` when no other eigenvalue
     lies within :math:`\delta_i` of :math:`\theta_i` (Kato-Temple; Parlett,
-    *The Symmetric Eigenvalue Problem*, ch. 11). With :math:`\delta_i =
-    \min_{j\ne i}|\theta_i-\theta_j| - r_i` (the gap to the rest of the
-    Ritz spectrum, shrunk by the residual) the error bound is
-
-    .. math::
-
-        e_i = \begin{cases} r_i^2/\delta_i & \delta_i > r_i \\ r_i &
-        \text{otherwise (gap not resolved)} \end{cases}
-
-    and the pair is converged when :math:`e_i \le \mathrm{tol}\cdot
+    *The Symmetric Eigenvalue Problem*, ch. 11); a cluster of close Ritz
+    values is bounded together (:func:`flatness.curvature.block.error_bounds`).
+    A value has converged when its bound :math:`e_i \le \mathrm{tol}\cdot
     \max(|\theta_i|, \epsilon^{2/3}\max_j|\theta_j|)` (:math:`\epsilon` the
     dtype's machine epsilon). Users read eigenvalues, not vectors, so this
-    stops once the *eigenvalue* is accurate, which takes about half the
-    products of ARPACK's residual test at the same eigenvalue error. The
-    residuals stay in the result. The Ritz gap can overestimate the true gap
-    while a neighbouring eigenvalue is not yet found; that is the usual
-    practice of ARPACK-style codes and holds well on Hessian spectra, whose
-    top is made of separated outliers.
+    stops once the *eigenvalue* is accurate, about half the products of
+    ARPACK's residual test at the same eigenvalue error. The gaps are those
+    of the Ritz spectrum, the usual practice of ARPACK-style codes.
 
-    Breakdown. When the new Lanczos vector vanishes (coupling
-    :math:`\beta_j \le 16\,\epsilon\,\|T\|`, far below any coupling that
-    carries information; the rounding noise of an exact breakdown is about
-    :math:`0.1\,\epsilon\,\|T\|`), the basis spans an
-    invariant subspace: its Ritz values are exact eigenvalues, but a start
-    vector sees only one copy of a repeated eigenvalue. The basis then
-    continues from a fresh random vector orthogonal to it (coupling 0), and
-    convergence is not tested at a breakdown, so copies of repeated
-    eigenvalues are found (an exactly repeated eigenvalue of multiplicity
-    :math:`m` costs :math:`m` breakdowns).
+    What ``converged`` certifies. With :math:`\theta_k` the ``k``-th value,
+    :math:`\tau = \theta_k + \mathrm{tol}\cdot\max(|\theta_k|, \dots)` (for
+    ``"largest"``; mirrored for ``"smallest"``, both sides for
+    ``"magnitude"``), :math:`X` the found vectors and :math:`R` their
+    residuals:
 
-    What ``converged`` certifies: every one of the ``k`` returned values is
-    within its ``error_bounds`` entry (at most ``tol`` relative) of an
-    eigenvalue of ``H``, and the current Krylov block is not invariant. It
-    does not prove that no larger eigenvalue was missed: like every Krylov
-    method, Lanczos finds an eigenvector only through the start vector's
-    component along it (nonzero with probability one for the random start).
-    ``converged`` is also True when the basis spans the whole space.
+    - each returned value is within its ``error_bounds`` entry (at most
+      ``tol`` relative) of an eigenvalue of ``H``;
+    - with probability at least ``1 - failure_probability`` over the check's
+      random vector, the deflated operator :math:`(I-XX^\top)H(I-XX^\top)` has
+      no eigenvalue beyond :math:`\tau`, so no eigenvalue of ``H`` other than
+      the found ones exceeds :math:`\tau + \|R\|_2` (Weyl). The bound holds
+      whatever the unseen spectrum is (no gap assumption).
+
+    ``certified_by`` says which: ``"random-start check"`` (probability in
+    ``verification["failure_probability"]``) or ``"exhausted"`` (the basis
+    spanned the whole space; exact). ``converged`` is False when the budget
+    ran out first (the best pairs found are returned, ``certified_by`` None).
+
+    Block size. ``b`` start vectors see up to ``b`` copies of a repeated
+    eigenvalue per search (one vector sees one); the check catches the rest.
+    On a GPU the ``b`` products of a step run as one batched call
+    (:meth:`flatness.curvature.HessianOperator.__matmul__` with a matrix).
+    Default: 1 for ``k = 1`` (the single-vector path is the cheaper one
+    there), else 2 for ``k <= 8`` and 3 above.
+
+    Breakdown. When a new Lanczos vector vanishes, the basis holds an
+    invariant subspace; it continues in a random direction orthogonal to it
+    (:mod:`flatness.curvature.block`), so copies of repeated eigenvalues are
+    found; ``breakdowns`` counts these events.
 
     Args:
         H: an operator (``shape``, ``dtype``, ``device``, ``@``) or a dense
@@ -180,99 +230,117 @@ def lanczos_top_eigs(
         tol: relative eigenvalue-error tolerance (above). A float32 operator
             cannot reach eigenvalue errors much below :math:`10^{-7}` of
             :math:`\|H\|`; ask for float64 for tighter ``tol``.
-        max_iter: most Lanczos steps, i.e. products with ``H``.
-        ncv: basis size (Lanczos vectors kept before a restart); default
-            ``max(2k + 1, 20)``, at most ``n``.
+        max_iter: most products with ``H``, the check's included.
+        ncv: basis size of the search (vectors kept before a restart);
+            default ``max(2k + 1, 20)`` rounded up to whole blocks, at most
+            ``n``.
         which: ``"largest"`` (algebraic), ``"smallest"`` (algebraic) or
             ``"magnitude"``.
         v0: start vector (default: Gaussian from ``seed``), or several (a
             list of flat tensors or an ``(n, m)`` matrix, e.g. the
             eigenvectors of an earlier call: a warm start), whose sum of unit
-            vectors starts the basis.
-        seed: seed of the start vector and of restarts after a breakdown;
-            under ``torch.distributed`` every rank must use the same one.
-        check_every: Lanczos steps between convergence checks (each copies
-            the small projected matrix to the host and solves it there);
-            default half the steps of a restart cycle. A restart is always
-            a check.
+            vectors is the first start vector (the others of a block are
+            random).
+        seed: seed of the start vectors, of the check and of breakdown
+            continuations; under ``torch.distributed`` every rank must use
+            the same one.
+        check_every: Lanczos steps (blocks) between convergence checks of
+            the search (each copies the small projected matrix to the host);
+            default half a restart cycle. The check phase tests every step.
+        block_size: vectors per step of the search (default above).
+        failure_probability: the most probability, over the check's random
+            vector, that a missed eigenvalue goes unnoticed.
 
     Returns:
-        :class:`EigenResult`; ``converged`` is False when ``max_iter`` ran
-        out first (the best Ritz pairs found are returned).
+        :class:`EigenResult`.
 
     Raises:
         ValueError: ``k`` not in ``[1, n]``, ``ncv`` too small, bad ``tol``,
-            ``max_iter``, ``which`` or ``v0``; an operator that returns NaN
-            or inf.
+            ``max_iter``, ``which``, ``v0``, ``block_size`` or
+            ``failure_probability``; an operator that returns NaN or inf.
 
     Example:
         >>> import torch
         >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
         >>> r = lanczos_top_eigs(A, k=3, tol=1e-10)
-        >>> [round(x, 6) for x in r.eigenvalues.tolist()]
-        [100.0, 99.0, 98.0]
+        >>> [round(x, 6) for x in r.eigenvalues.tolist()], r.converged, r.certified_by
+        ([100.0, 99.0, 98.0], True, 'random-start check')
     """
     A = as_operator(H)
     n = int(A.shape[0])
-    m, keep, check = _check_args(n, k, tol, max_iter, ncv, which, check_every)
-    dtype, device = A.dtype, A.device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    V = torch.zeros(m + 1, n, dtype=dtype, device=device)  # rows are basis vectors
-    T = torch.zeros(m + 1, m + 1, dtype=dtype, device=device)
-    V[0] = _start_vector(v0, n, dtype, device, gen)
-    eps = torch.finfo(dtype).eps
-
-    stop, count, restarts, breakdowns, step = 0, 0, 0, 0, check
-    while True:
-        start, stop = stop, min(m, stop + step, stop + (max_iter - count))
-        lanczos_steps(A, V, T, start, stop)
-        count += stop - start
-        # --- convergence check: the one host round trip, every `check` steps ---
-        Tj = T[: stop + 1, : stop + 1].to("cpu", torch.float64)
-        if not bool(torch.isfinite(Tj).all()):
-            raise ValueError(f"The operator returned non-finite values (NaN or inf) within the first {count} products")
-        broken = _first_breakdown(Tj, start, stop, 16 * eps)
-        if broken is not None and broken + 1 < n:
-            stop, step = broken + 1, 1  # drop the steps after it; probe the new block one step at a time
-            _restart_orthogonal(V, T, stop, gen)
-            breakdowns += 1
-            if count >= max_iter:
-                ritz = _ritz(T[: stop + 1, : stop + 1].to("cpu", torch.float64), stop, which)
-                converged = False
-                break
-            continue
-        step = check
-        ritz = _ritz(Tj, stop, which)
-        scale = ritz.theta.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
-        limit = tol * torch.maximum(ritz.theta.abs(), eps ** (2 / 3) * scale)
-        converged = stop >= k and bool((ritz.bounds[:k] <= limit[:k]).all())
-        exhausted = stop == n  # the Krylov space is the whole space: T is exact
-        converged = converged or (exhausted and stop >= k)
-        if converged or exhausted or count >= max_iter:
+    b, m, keep, check = _check_args(n, k, tol, max_iter, ncv, which, check_every, block_size, failure_probability)
+    gen = torch.Generator(device=A.device).manual_seed(seed)
+    V0 = _start_block(v0, n, b, A.dtype, A.device, gen)
+    s = block_search(A, k, tol, max_iter, b=b, m=m, keep=keep, check=check, which=which, V0=V0, gen=gen)
+    found = _Found(s.theta, s.vectors.T, s.residual_vectors.T, s.bounds)
+    count, restarts, breakdowns = s.hvp_count, s.restarts, s.breakdowns
+    certified_by = "exhausted" if s.exhausted and s.converged else None
+    ver: dict[str, Any] = {"failure_probability": 1.0, "target": failure_probability, "threshold": None, "hvp_count": 0, "runs": 0, "found": 0}
+    eps = torch.finfo(A.dtype).eps
+    while s.converged and certified_by is None:
+        theta, _, _, _ = found.top(k, which)
+        lo, hi = _thresholds(theta, tol, eps, which)
+        ver["threshold"] = hi if which == "largest" else lo if which == "smallest" else [lo, hi]
+        c = random_check(A, found.L, lo, hi, delta=failure_probability, budget=max_iter - count, cap=max(2 * m, 60), gen=gen)
+        count += c.hvp_count
+        ver["hvp_count"] += c.hvp_count
+        ver["runs"] += 1
+        if c.certified:
+            ver["failure_probability"] = c.failure_probability
+            certified_by = "random-start check"
             break
-        if stop < m:
-            continue
-        _thick_restart(V, T, ritz, keep, stop)
-        stop = keep
-        restarts += 1
-
-    k_out = min(k, stop)
-    vectors = (ritz.S[:, :k_out].to(device, dtype).T @ V[:stop]).T
+        if c.outside is None:  # budget or memory cap ran out before the bound was reached
+            ver["failure_probability"] = c.failure_probability
+            break
+        s = _converge_missed(A, found, c.outside, k, tol, max_iter - count, b, m, keep, check, which, gen)
+        count += s.hvp_count
+        ver["hvp_count"] += s.hvp_count
+        ver["found"] += int(s.theta.numel())
+        restarts, breakdowns = restarts + s.restarts, breakdowns + s.breakdowns
+        found.add(s)
+    theta, X, resid, bounds = found.top(k, which)
+    limit = tolerance(theta, tol, eps)
+    converged = certified_by is not None and theta.numel() == k and bool((bounds <= limit).all())
     return EigenResult(
-        eigenvalues=ritz.theta[:k_out].clone(),
-        eigenvectors=vectors,
-        residuals=ritz.resid[:k_out].clone(),
-        converged=converged and k_out == k,
-        hvp_count=count,
-        restarts=restarts,
-        which=which,
-        error_bounds=ritz.bounds[:k_out].clone(),
-        breakdowns=breakdowns,
-    )
+        eigenvalues=theta.clone(), eigenvectors=X, residuals=resid, converged=converged, hvp_count=count, restarts=restarts,
+        which=which, error_bounds=bounds, breakdowns=breakdowns, block_size=b, certified_by=certified_by, verification=ver,
+    )  # fmt: skip
 
 
-def _check_args(n: int, k: int, tol: float, max_iter: int, ncv: int | None, which: str, check_every: int | None) -> tuple[int, int, int]:
-    """Validate; return basis size ``m``, vectors kept at a restart and steps between checks."""
+def _converge_missed(
+    A: Any, found: _Found, outside: Tensor, k: int, tol: float, budget: int, b: int, m: int, keep: int, check: int, which: str,
+    gen: torch.Generator,
+) -> Search:  # fmt: skip
+    """Converge the pairs a check found beyond the threshold, on the operator deflated by every pair found so far."""
+    D = DeflatedOperator(A, found.L)
+    j = min(int(outside.shape[1]), k)
+    d = int(A.shape[0]) - int(found.L.shape[0])
+    rows = outside[:, :b].T
+    if rows.shape[0] < b:
+        rows = torch.cat([rows, torch.randn(b - rows.shape[0], A.shape[0], generator=gen, dtype=A.dtype, device=A.device)])
+    Q, _ = torch.linalg.qr(D.project(rows.T))
+    m_d = min(m, d) if min(m, d) > j else d
+    keep_d = max(j, min(keep, m_d - b))
+    return block_search(D, j, tol, budget, b=min(b, d), m=m_d, keep=keep_d, check=check, which=which, V0=Q.T[: min(b, d)], gen=gen, project=D.project)
+
+
+def _thresholds(theta: Tensor, tol: float, eps: float, which: str) -> tuple[float, float]:
+    """The interval ``(lo, hi)`` a missed eigenvalue would have to leave to change the answer."""
+    t_k = float(theta[-1])
+    margin = float(tolerance(theta, tol, eps)[-1])
+    if which == "largest":
+        return -math.inf, t_k + margin
+    if which == "smallest":
+        return t_k - margin, math.inf
+    edge = abs(t_k) + margin
+    return -edge, edge
+
+
+def _check_args(
+    n: int, k: int, tol: float, max_iter: int, ncv: int | None, which: str, check_every: int | None, block_size: int | None,
+    failure_probability: float,
+) -> tuple[int, int, int, int]:  # fmt: skip
+    """Validate; return block size ``b``, basis size ``m``, vectors kept at a restart and blocks between checks."""
     if which not in WHICH:
         raise ValueError(f"Unknown which {which!r}; expected one of {', '.join(map(repr, WHICH))}")
     if not 1 <= k <= n:
@@ -281,16 +349,34 @@ def _check_args(n: int, k: int, tol: float, max_iter: int, ncv: int | None, whic
         raise ValueError(f"Invalid tol value: {tol} (expected > 0)")
     if max_iter < 1:
         raise ValueError(f"Invalid max_iter value: {max_iter} (expected >= 1)")
-    m = min(n, max(2 * k + 1, 20)) if ncv is None else int(ncv)
-    if m > n or (m <= k and m < n):
-        raise ValueError(f"Invalid ncv value: {ncv} (expected k < ncv <= n, with k = {k}, n = {n})")
+    if not 0 < failure_probability < 1:
+        raise ValueError(f"Invalid failure_probability value: {failure_probability} (expected 0 < p < 1)")
+    b = (1 if k == 1 else 2 if k <= 8 else 3) if block_size is None else block_size
+    if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+        raise ValueError(f"Invalid block_size value: {block_size} (expected a positive integer)")
+    b = min(b, n)
+    if ncv is None:
+        m = min(n, b * -(-max(2 * k + 1, 20) // b))
+    else:
+        m = int(ncv)
+        if m > n or (m <= k and m < n):
+            raise ValueError(f"Invalid ncv value: {ncv} (expected k < ncv <= n, with k = {k}, n = {n})")
     # Ritz vectors kept at a restart: the k wanted and as many again as fit,
-    # leaving at least a few new Lanczos steps per cycle.
-    keep = min(m - 1, k + max((m - k) // 2, 1)) if m > k else k
-    check = max(1, (m - keep + 1) // 2) if check_every is None else int(check_every)
+    # leaving at least one block of new Lanczos steps per cycle.
+    keep = max(min(m - b, k + max((m - k) // 2, 1)), min(k, m - 1)) if m > k else k
+    check = max(1, (m - keep + b) // (2 * b)) if check_every is None else int(check_every)
     if check < 1:
         raise ValueError(f"Invalid check_every value: {check_every} (expected >= 1)")
-    return m, keep, check
+    return b, m, keep, check
+
+
+def _start_block(v0: Tensor | Sequence[Tensor] | None, n: int, b: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Tensor:
+    """``(b, n)`` orthonormal start rows: the start vector (random, given, or the sum of given unit vectors), then random ones."""
+    first = _start_vector(v0, n, dtype, device, gen)
+    if b == 1:
+        return first[None]
+    rows = torch.cat([first[None], torch.randn(b - 1, n, generator=gen, dtype=dtype, device=device)])
+    return torch.linalg.qr(rows.T)[0].T
 
 
 def _start_vector(v0: Tensor | Sequence[Tensor] | None, n: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Tensor:
@@ -312,63 +398,6 @@ def _start_vector(v0: Tensor | Sequence[Tensor] | None, n: int, dtype: torch.dty
     if not bool(norm > 0) or not bool(torch.isfinite(norm)):
         raise ValueError("Expected a nonzero, finite v0")
     return v / norm
-
-
-def _ritz(Tj: Tensor, stop: int, which: str) -> _Ritz:
-    """Ritz values of the ``stop x stop`` projection (float64, host), residuals and error bounds."""
-    theta, S = torch.linalg.eigh(_symmetric(Tj[:stop, :stop]))
-    beta = Tj[stop, stop - 1]
-    order = _order(theta, which)
-    theta, S = theta[order], S[:, order]
-    resid = (beta * S[stop - 1, :]).abs()
-    return _Ritz(theta, S, resid, error_bounds(theta, resid), beta)
-
-
-def error_bounds(theta: Tensor, resid: Tensor) -> Tensor:
-    r"""Eigenvalue error bounds :math:`r_i^2/\delta_i` (gap resolved) or :math:`r_i`.
-
-    :math:`\delta_i = \min_{j \ne i} |\theta_i - \theta_j| - r_i`; a lone
-    Ritz value has an infinite gap (bound 0 when the residual is 0).
-    """
-    if theta.numel() < 2:
-        return resid.clone()
-    dist = (theta[:, None] - theta[None, :]).abs()
-    dist.fill_diagonal_(float("inf"))
-    delta = dist.min(dim=1).values - resid
-    quad = resid**2 / delta.clamp_min(torch.finfo(theta.dtype).tiny)
-    return torch.where(delta > resid, quad, resid)
-
-
-def _first_breakdown(Tj: Tensor, start: int, stop: int, rel: float) -> int | None:
-    """First step ``j`` in ``[start, stop)`` whose coupling ``beta_j`` vanished (invariant subspace)."""
-    scale = float(Tj.abs().max())
-    betas = torch.diagonal(Tj, -1)[start:stop]
-    small = (betas <= rel * scale).nonzero()
-    return None if small.numel() == 0 else start + int(small[0, 0])
-
-
-def _restart_orthogonal(V: Tensor, T: Tensor, stop: int, gen: torch.Generator) -> None:
-    """After a breakdown at step ``stop - 1``: a random unit ``V[stop]`` orthogonal to ``V[:stop]``, coupling 0."""
-    basis = V[:stop]
-    w = torch.randn(V.shape[1], generator=gen, dtype=V.dtype, device=V.device)
-    for _ in range(2):  # CGS2
-        w = torch.addmv(w, basis.T, basis @ w, alpha=-1.0)
-    V[stop] = w / torch.linalg.vector_norm(w)
-    T[stop:, :] = 0
-    T[:, stop:] = 0
-
-
-def _thick_restart(V: Tensor, T: Tensor, ritz: _Ritz, keep: int, stop: int) -> None:
-    """Keep the best ``keep`` Ritz vectors and the residual vector (Wu & Simon 2000)."""
-    device, dtype = V.device, V.dtype
-    Y = ritz.S[:, :keep].to(device, dtype)
-    V[:keep] = Y.T @ V[:stop]
-    V[keep] = V[stop]
-    T.zero_()
-    T.diagonal()[:keep] = ritz.theta[:keep].to(device, dtype)
-    coupling = (ritz.beta * ritz.S[stop - 1, :keep]).to(device, dtype)
-    T[keep, :keep] = coupling
-    T[:keep, keep] = coupling
 
 
 def lanczos_smallest_eig(H: Any, tol: float = 1e-6, max_iter: int = 500, **kwargs: Any) -> EigenResult:
@@ -412,17 +441,3 @@ def lanczos_steps(A: Any, V: Tensor, T: Tensor, start: int, stop: int) -> None:
         T[j, : j + 1] = h
         T[j + 1, j] = beta
         T[j, j + 1] = beta
-
-
-def _symmetric(T: Tensor) -> Tensor:
-    return 0.5 * (T + T.T)
-
-
-def _order(theta: Tensor, which: str) -> Tensor:
-    if which == "largest":
-        return torch.argsort(theta, descending=True)
-    if which == "smallest":
-        return torch.argsort(theta)
-    if which == "magnitude":
-        return torch.argsort(theta.abs(), descending=True)
-    raise ValueError(f"Unknown which {which!r}; expected one of {', '.join(map(repr, WHICH))}")

@@ -88,20 +88,23 @@ def top_eigenvalues(
     seed: int = 0,
     init: Sequence[Tensor] | Tensor | None = None,
     return_vectors: bool = False,
+    block_size: int | None = None,
+    failure_probability: float = 1e-3,
 ) -> EigenResult:
     """The ``k`` largest Hessian eigenvalues of the mean loss over ``batches``.
 
     Builds a :class:`HessianOperator` (eval mode, exact batch weighting) and
-    runs :func:`lanczos_top_eigs`.
+    runs :func:`lanczos_top_eigs`: block Lanczos, then a random-start check
+    that no eigenvalue was missed (``converged`` means both held).
 
     Args:
         model: the network (its parameters give the point and the device).
         loss_fn: ``loss_fn(outputs, targets)``, mean-reduced.
         batches: an iterable of ``(inputs, targets)``.
         k: number of eigenvalues.
-        tol: relative residual tolerance (see :func:`lanczos_top_eigs`);
+        tol: relative eigenvalue-error tolerance (see :func:`lanczos_top_eigs`);
             below about ``1e-6`` use ``dtype=torch.float64``.
-        max_iter: most Hessian-vector products.
+        max_iter: most Hessian-vector products (the check's included).
         ncv: Lanczos basis size (default ``max(2k + 1, 20)``).
         params: restrict to these parameters (objects or names).
         dtype: ``torch.float32`` or ``torch.float64`` (default: the model's).
@@ -111,6 +114,10 @@ def top_eigenvalues(
             ``.eigenvectors`` of an earlier call); their sum of unit vectors
             starts the Lanczos basis (a few products when they are close).
         return_vectors: keep the eigenvectors.
+        block_size: Lanczos block size (default from ``k``; see
+            :func:`lanczos_top_eigs`).
+        failure_probability: the most probability that the check misses an
+            eigenvalue the search missed.
 
     Returns:
         :class:`EigenResult` with ``.eigenvalues`` (descending),
@@ -120,7 +127,9 @@ def top_eigenvalues(
         ``return_vectors``), else ``None``.
     """
     H = HessianOperator(model, loss_fn, batches, params, dtype=dtype, backend=backend)
-    result = lanczos_top_eigs(H, k, tol, max_iter, ncv=ncv, seed=seed, v0=init)
+    result = lanczos_top_eigs(
+        H, k, tol, max_iter, ncv=ncv, seed=seed, v0=init, block_size=block_size, failure_probability=failure_probability
+    )
     result.eigenvectors = list(result.eigenvectors.T) if return_vectors else None
     return result
 

@@ -82,8 +82,9 @@ class Search:
 class BlockState:
     """Basis rows ``V[:top]`` (``V[:done]`` multiplied), projection ``T``; the block Lanczos relation above."""
 
-    def __init__(self, n: int, capacity: int, b: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, n: int, capacity: int, b: int, dtype: torch.dtype, device: torch.device, dim: int | None = None) -> None:
         self.n, self.b = n, b
+        self.dim = n if dim is None else dim  # dimension of the space the operator acts on (less than n when deflated)
         self.V = torch.zeros(capacity + b, n, dtype=dtype, device=device)
         self.T = torch.zeros(capacity + b, capacity + b, dtype=dtype, device=device)
         self.done, self.top = 0, 0
@@ -114,6 +115,8 @@ def block_step(A: Any, state: BlockState, r: int, gen: torch.Generator, project:
     G = G / torch.linalg.vector_norm(G, dim=1, keepdim=True).clamp_min(torch.finfo(V.dtype).tiny)
     W = W + (4 * torch.finfo(V.dtype).eps * scale)[:, None] * G
     Q, R = torch.linalg.qr(W.T)  # (n, r), (r, r)
+    if project is not None:  # the rounding noise of a vanished column is not in the operator's space; R is tiny then
+        Q = project(Q)
     D = basis @ Q  # what the QR of a vanished column let back in; moved into T
     Q = Q - basis.T @ D
     D2 = basis @ Q
@@ -121,7 +124,7 @@ def block_step(A: Any, state: BlockState, r: int, gen: torch.Generator, project:
     Q2, R2 = torch.linalg.qr(Q)
     h = h + (D + D2) @ R
     R = R2 @ R
-    legit = max(0, min(r, n - t))  # rows past n cannot be orthogonal to the rest: left zero, coupling zero
+    legit = max(0, min(r, state.dim - t))  # rows past the dimension cannot be orthogonal to the rest: zero, coupling zero
     V[t : t + legit] = Q2.T[:legit]
     V[t + legit : t + r] = 0
     R[legit:] = 0
@@ -185,9 +188,14 @@ def error_bounds(theta: Tensor, resid: Tensor) -> Tensor:
 
 
 def tolerance(theta: Tensor, tol: float, eps: float) -> Tensor:
-    r"""The error each value may have: :math:`\mathrm{tol}\cdot\max(|\theta_i|, \epsilon^{2/3}\max_j|\theta_j|)`."""
+    r"""The error each value may have.
+
+    :math:`\max(\mathrm{tol}\cdot\max(|\theta_i|, \epsilon^{2/3}\max_j|\theta_j|),\ 16\epsilon\max_j|\theta_j|)`:
+    relative to the value, but never below what rounding leaves
+    (:math:`\epsilon` the operator dtype's machine epsilon).
+    """
     scale = theta.abs().max().clamp_min(torch.finfo(torch.float64).tiny) if theta.numel() else torch.tensor(1.0, dtype=torch.float64)
-    return tol * torch.maximum(theta.abs(), eps ** (2 / 3) * scale)
+    return torch.maximum(tol * torch.maximum(theta.abs(), eps ** (2 / 3) * scale), 16 * eps * scale)
 
 
 def thick_restart(state: BlockState, rz: Ritz, keep: int) -> None:
@@ -220,11 +228,17 @@ def count_breakdowns(state: BlockState, Tj: Tensor, rel: float) -> int:
 
 def block_search(
     A: Any, k: int, tol: float, budget: int, *, b: int, m: int, keep: int, check: int, which: str, V0: Tensor,
-    gen: torch.Generator, project: Any = None,
+    gen: torch.Generator, project: Any = None, dim: int | None = None,
 ) -> Search:  # fmt: skip
-    """Block thick-restart Lanczos until the ``k`` wanted error bounds meet ``tol`` (or ``budget`` products)."""
+    """Block thick-restart Lanczos until the ``k`` wanted error bounds meet ``tol`` (or ``budget`` products).
+
+    ``dim``: the dimension of the space the operator acts on (``n``, or less
+    for a deflated operator); a basis that large is the whole space.
+    """
     n = int(A.shape[0])
-    state = BlockState(n, m, b, A.dtype, A.device)
+    dim = n if dim is None else dim
+    keep = min(keep, m - 1)
+    state = BlockState(n, m, b, A.dtype, A.device, dim)
     state.start(V0)
     eps = torch.finfo(A.dtype).eps
     count = restarts = breakdowns = 0
@@ -239,7 +253,7 @@ def block_search(
             raise ValueError(f"The operator returned non-finite values (NaN or inf) within the first {count} products")
         breakdowns += count_breakdowns(state, Tj, 16 * eps)
         rz = ritz(Tj, state.done, state.top, which)
-        exhausted = state.done >= n
+        exhausted = state.done >= dim
         limit = tolerance(rz.theta, tol, eps)
         converged = state.done >= k and bool((rz.bounds[:k] <= limit[:k]).all())
         if converged or exhausted or count >= budget:

@@ -108,7 +108,7 @@ def random_check(
     if steps < 1:
         return Check(False, 1.0, 0, None, 0)
     g = D.project(torch.randn(n, 1, generator=gen, dtype=A.dtype, device=A.device))
-    state = BlockState(n, steps, 1, A.dtype, A.device)
+    state = BlockState(n, steps, 1, A.dtype, A.device, d)
     state.start((g / torch.linalg.vector_norm(g)).T)
     log_factor = 0.5 * math.log(2 * max(d, 3) / math.pi)
     prob = 1.0

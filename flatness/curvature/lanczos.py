@@ -132,6 +132,7 @@ class _Found:
     L: Tensor  # (p, n) on the device
     R: Tensor  # (p, n) residual vectors H x - theta x
     own: Tensor  # error bounds from each pair's own search
+    added: int = 0  # pairs added by checks
 
     def add(self, s: Search) -> None:
         # a pair y found on the deflated operator: H y = PHP y + L^T (R_L y), so its residual gains L^T (R_L y)
@@ -140,11 +141,14 @@ class _Found:
         self.L = torch.cat([self.L, s.vectors.T])
         self.R = torch.cat([self.R, (s.residual_vectors + extra).T])
         self.own = torch.cat([self.own, s.bounds])
+        self.added += int(s.theta.numel())
 
     def top(self, k: int, which: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The ``k`` wanted values, their vectors ``(n, k)``, residual norms and error bounds."""
         resid = torch.linalg.vector_norm(self.R, dim=1).to("cpu", torch.float64)
-        bounds = torch.maximum(self.own, error_bounds(self.theta, resid))
+        bounds = self.own
+        if self.added:  # pairs from different runs: bound them together too (a copy found later joins a cluster)
+            bounds = torch.maximum(bounds, error_bounds(self.theta, resid))
         order = order_by(self.theta, which)[:k]
         return self.theta[order], self.L[order.to(self.L.device)].T, resid[order], bounds[order]
 
@@ -313,21 +317,23 @@ def _converge_missed(
 ) -> Search:  # fmt: skip
     """Converge the pairs a check found beyond the threshold, on the operator deflated by every pair found so far."""
     D = DeflatedOperator(A, found.L)
-    j = min(int(outside.shape[1]), k)
     d = int(A.shape[0]) - int(found.L.shape[0])
+    j = min(int(outside.shape[1]), k, d)
+    b = min(b, d)
     rows = outside[:, :b].T
     if rows.shape[0] < b:
         rows = torch.cat([rows, torch.randn(b - rows.shape[0], A.shape[0], generator=gen, dtype=A.dtype, device=A.device)])
     Q, _ = torch.linalg.qr(D.project(rows.T))
     m_d = min(m, d) if min(m, d) > j else d
-    keep_d = max(j, min(keep, m_d - b))
-    return block_search(D, j, tol, budget, b=min(b, d), m=m_d, keep=keep_d, check=check, which=which, V0=Q.T[: min(b, d)], gen=gen, project=D.project)
+    keep_d = min(max(j, min(keep, m_d - b)), m_d - 1)
+    return block_search(D, j, tol, budget, b=b, m=m_d, keep=keep_d, check=check, which=which, V0=Q.T, gen=gen, project=D.project, dim=d)
 
 
 def _thresholds(theta: Tensor, tol: float, eps: float, which: str) -> tuple[float, float]:
     """The interval ``(lo, hi)`` a missed eigenvalue would have to leave to change the answer."""
     t_k = float(theta[-1])
-    margin = float(tolerance(theta, tol, eps)[-1])
+    # at least 64 eps ||H||: below that, Ritz values of the deflated operator are rounding noise (e.g. of a zero eigenvalue)
+    margin = max(float(tolerance(theta, tol, eps)[-1]), 64 * eps * float(theta.abs().max()))
     if which == "largest":
         return -math.inf, t_k + margin
     if which == "smallest":

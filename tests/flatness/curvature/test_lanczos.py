@@ -120,11 +120,15 @@ def _repeated_block() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("k", [149, 160, 173])
 def test_breakdown_restarts_find_every_copy_of_a_repeated_eigenvalue(k: int) -> None:
-    """After an invariant subspace, a fresh orthogonal vector continues: all 25 zeros are found."""
+    """After an invariant subspace, a random orthogonal direction continues: all 25 zeros are found.
+
+    Copies come from breakdown continuations in the search or from the check
+    (issue 22: it finds the copies the search missed), so their sum is counted.
+    """
     A, ev = _repeated_block()
     r = lanczos_top_eigs(A, k=k, tol=1e-10, max_iter=2000)
     true = ev.sort(descending=True).values[:k]
-    assert r.converged and r.breakdowns >= 20
+    assert r.converged and r.breakdowns + r.verification["found"] >= 15  # the b start vectors of a block see b copies directly
     assert torch.allclose(r.eigenvalues, true, rtol=0, atol=1e-9)
 
 
@@ -137,7 +141,11 @@ def test_warm_start_from_eigenvectors() -> None:
     assert warm.converged and torch.allclose(warm.eigenvalues, cold.eigenvalues, rtol=1e-9)
     assert warm.hvp_count < cold.hvp_count
     again = lanczos_top_eigs(p.dense, k=3, tol=1e-10, v0=cold.eigenvectors)
-    assert again.converged and again.hvp_count <= 10 and torch.allclose(again.eigenvalues, cold.eigenvalues, rtol=1e-9)
+    # issue 22: the check that nothing was missed costs the same cold or warm (here 16 products), so only the search is
+    # compared with the 10 products it took before the check existed (block size 2 now: 2 per step, checked every 2 steps)
+    search = again.hvp_count - again.verification["hvp_count"]
+    assert again.converged and search <= 16 and again.hvp_count < cold.hvp_count
+    assert torch.allclose(again.eigenvalues, cold.eigenvalues, rtol=1e-9)
     exact = lanczos_top_eigs(torch.diag(torch.arange(1.0, 31.0, dtype=torch.float64)), k=2, tol=1e-10, v0=torch.eye(30, dtype=torch.float64)[:, -2:])
     assert exact.converged and exact.breakdowns >= 1 and exact.eigenvalues.tolist() == pytest.approx([30.0, 29.0], rel=1e-12)
 

@@ -251,7 +251,7 @@ def block_search(
         Tj = state.T[: state.top, : state.top].to("cpu", torch.float64)
         if not bool(torch.isfinite(Tj).all()):
             raise ValueError(f"The operator returned non-finite values (NaN or inf) within the first {count} products")
-        breakdowns += count_breakdowns(state, Tj, 16 * eps)
+        breakdowns += count_breakdowns(state, Tj, 1024 * eps)  # a coupling at rounding level: an invariant subspace
         rz = ritz(Tj, state.done, state.top, which)
         exhausted = state.done >= dim
         limit = tolerance(rz.theta, tol, eps)

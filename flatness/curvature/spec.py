@@ -29,7 +29,8 @@ class HessianSpec:
     Attributes:
         top_k: largest eigenvalues wanted (Lanczos).
         tol: relative eigenvalue-error tolerance of the eigenvalues.
-        max_iter: most Hessian-vector products for the eigenvalues.
+        max_iter: most Hessian-vector products for the eigenvalues (the
+            check that none was missed included).
         trace: also estimate the trace.
         trace_method: ``"hutch++"`` or ``"hutchinson"``.
         trace_matvecs: products spent on the trace (and per block with

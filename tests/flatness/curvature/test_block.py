@@ -158,3 +158,26 @@ def test_cluster_error_bounds() -> None:
     assert b[0] == b[1] == pytest.approx(2e-8 / (1 - 2**0.5 * 1e-4))
     assert b[2] == pytest.approx(1e-8 / (1 - 1e-4))
     assert error_bounds(theta[:2], resid[:2]).tolist() == [1e-4, 1e-4]  # nothing outside the cluster: the residual
+
+
+@pytest.mark.parametrize("b", [1, 3])
+def test_block_step_never_syncs_with_the_host(b: int) -> None:
+    """A block step (batched product, CGS2, random continuation, QR) only launches device work."""
+    from flatness.curvature.block import BlockState, block_step
+    from tests.flatness.curvature.problems import LOSS, problem
+    from tests.flatness.curvature.test_lanczos import _HostSyncs
+
+    p = problem("cnn1d_bn")
+    H = flatness.curvature.HessianOperator(p.model, LOSS, p.batches, batched=True)
+    n = H.shape[0]
+    state = BlockState(n, 12, b, torch.float32, torch.device("cpu"))
+    state.start(torch.linalg.qr(torch.randn(n, b, generator=torch.Generator().manual_seed(0)))[0].T)
+    gen = torch.Generator().manual_seed(1)
+    H @ state.V[:1].T  # build the cached graphs outside the recorded loop
+    with _HostSyncs() as rec:
+        for _ in range(12 // b):
+            block_step(H, state, b, gen)
+    assert rec.seen == set()
+    V = state.V[: state.top]
+    assert torch.allclose(V @ V.T, torch.eye(state.top), atol=1e-5)
+    assert torch.allclose(H @ V[: state.done].T, V.T @ state.T[: state.top, : state.done], atol=1e-4)

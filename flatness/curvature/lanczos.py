@@ -1,4 +1,4 @@
-r"""Extreme eigenvalues of a symmetric operator by thick-restart Lanczos.
+r"""Extreme eigenvalues of a symmetric operator by thick-restart Lanczos, certified.
 
 The Lanczos process (Golub & Van Loan, *Matrix Computations*, 4th ed.,
 sections 10.1-10.3) builds an orthonormal basis :math:`V_j` of the Krylov
@@ -26,6 +26,13 @@ restart): after ``ncv`` vectors, the ``keep`` best Ritz vectors and the last
 residual vector become the start of the next basis, and :math:`T` becomes
 :math:`\operatorname{diag}(\theta)` bordered by the couplings
 :math:`\beta\, e_j^\top s_i`.
+
+This module holds the single-vector step :func:`lanczos_steps` (used by
+stochastic Lanczos quadrature) and :func:`lanczos_top_eigs`, which searches
+with the block form of the same process (:mod:`flatness.curvature.block`:
+``b`` start vectors see ``b`` copies of a repeated eigenvalue, one sees one)
+and then certifies, with a stated failure probability, that no eigenvalue
+was missed (:mod:`flatness.curvature.certify`).
 
 Device residency: the basis, the projected matrix and all coefficients stay
 on the operator's device; a Lanczos step launches kernels but never waits for

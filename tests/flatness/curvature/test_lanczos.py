@@ -193,6 +193,9 @@ ERRORS = [
     (dict(k=5, which="top"), "Unknown which 'top'; expected one of 'largest', 'smallest', 'magnitude'"),
     (dict(k=5, v0=torch.ones(3)), r"Expected v0 of shape \(338,\) \(or a list of them, or an \(338, m\) matrix\), got \(3,\)"),
     (dict(k=5, check_every=0), "Invalid check_every value: 0"),
+    (dict(k=5, block_size=0), "Invalid block_size value: 0"),
+    (dict(k=5, failure_probability=0.0), r"Invalid failure_probability value: 0.0 \(expected 0 < p < 1\)"),
+    (dict(k=5, failure_probability=1.0), "Invalid failure_probability value: 1.0"),
 ]
 
 

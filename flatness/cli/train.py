@@ -19,7 +19,8 @@ EXAMPLES = """\
       --batch-size 256 --lr 0.1 --weight-decay 1e-3 --cutout 16 --method m-arwp --sigma 0.015
   flatness train --method m-arwp --mix-batches alternate --epochs 60 --out runs/alt   # 120 data epochs, same updates
   flatness train --method sam --val-split 500 --out runs/sam-val   # hold out 500 training samples
-  flatness train --method sgd --track-curvature 50 --save-every 50 --out runs/eos   # lambda_max every 50 updates
+  flatness train --method sgd --track-curvature --out runs/eos      # lambda_max within 5 % extra cost (interval chosen)
+  flatness train --method sgd --track-curvature 50 --save-every 50 --out runs/eos   # lambda_max every 50 updates, converged
   flatness train --method sam --track-curvature 50 --log tensorboard runs/sam/tb --out runs/sam   # + TensorBoard
   torchrun --nproc_per_node 2 -m flatness train --method sam --out runs/ddp   # DistributedDataParallel
   torchrun --nproc_per_node 2 -m flatness train --method m-arwp --parallel-roles --out runs/par
@@ -44,7 +45,7 @@ def _model_kwargs(text: str) -> dict:
 def register(sub: argparse._SubParsersAction) -> None:
     from flatness.data import DATASET_NAMES
     from flatness.models import MODEL_NAMES
-    from flatness.training.config import SCHEDULES, TrainConfig
+    from flatness.training.config import SCHEDULES, TRACK_BUDGET_DEFAULT, TrainConfig
 
     d = TrainConfig()
     p = add_command(sub, "train", "Train a model with a flatness-seeking method; write a run directory.", EXAMPLES)
@@ -67,8 +68,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--val-split", type=int, default=d.val_split,
                    help="hold out N training samples (chosen by --seed) as a validation split: not trained on, "
                         "val_loss/val_acc in metrics")
-    g.add_argument("--track-curvature", type=int, default=d.track_curvature, metavar="N",
-                   help="every N updates, lambda_max on the first --track-samples training samples into curvature.jsonl (0: off)")
+    g.add_argument("--track-curvature", type=int, nargs="?", const=None, default=d.track_curvature, metavar="N",
+                   help="lambda_max on the first --track-samples training samples into curvature.jsonl: alone, within "
+                        f"--track-budget (default {TRACK_BUDGET_DEFAULT:g}); with N, every N updates to full convergence (0: off)")
+    g.add_argument("--track-budget", type=float, default=d.track_budget, metavar="B",
+                   help="track within B extra cost over untracked training (0.05: 5 %%); interval and products per point are chosen once")
+    g.add_argument("--track-products", type=int, default=d.track_products, metavar="P",
+                   help="most Hessian-vector products per tracked point, warm-started; each point records its error bound")
     g.add_argument("--track-trace", action="store_true", help="with --track-curvature, also the Hessian trace (Hutch++)")
     g.add_argument("--track-samples", type=int, default=d.track_samples, help="samples of the fixed analysis batch")
     g.add_argument("--no-epoch-checkpoints", action="store_true", help="keep only last.pt and final.pt")
@@ -154,8 +160,16 @@ def _fields(args: argparse.Namespace) -> dict:
         "sigma_inc": args.sigma_inc, "incstd": args.incstd, "lam": args.lam, "eta": args.eta, "beta": args.beta,
         "temperature": args.temperature, "mix_batches": args.mix_batches, "parallel_roles": args.parallel_roles,
         "save_every": args.save_every, "keep_epochs": not args.no_epoch_checkpoints,
-        "track_curvature": args.track_curvature, "track_trace": args.track_trace, "track_samples": args.track_samples,
+        "track_curvature": args.track_curvature or 0, "track_trace": args.track_trace, "track_samples": args.track_samples,
+        "track_budget": _track_budget(args), "track_products": args.track_products,
     }
+
+
+def _track_budget(args: argparse.Namespace) -> float:
+    """``--track-curvature`` without N means a budget: ``--track-budget``, else the default."""
+    from flatness.training.config import TRACK_BUDGET_DEFAULT
+
+    return args.track_budget or (TRACK_BUDGET_DEFAULT if args.track_curvature is None else 0.0)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -40,7 +40,11 @@ _INT_RULES = {  # field -> (minimum, what the flag means)
     "val_split": (0, "an integer >= 0 (0: no validation split)"),
     "track_curvature": (0, "an integer >= 0 (0: off)"),
     "track_samples": (1, "a positive integer"),
+    "track_products": (0, "an integer >= 0 (0: until converged, or the budget's default)"),
 }
+
+#: The budget of ``--track-curvature`` without N: at most 5 % extra over untracked training.
+TRACK_BUDGET_DEFAULT = 0.05
 
 
 def _flag(name: str) -> str:
@@ -64,7 +68,13 @@ class TrainConfig:
         incstd: the official ``--incstd``: sigma rises by a cosine from
             ``weight_decay`` to ``sigma`` over the run (RWP family).
         track_curvature: every N updates, lambda_max on the first
-            ``track_samples`` training samples (eval mode) into ``curvature.jsonl``.
+            ``track_samples`` training samples (eval mode) into ``curvature.jsonl``
+            (with ``track_budget``: the least interval).
+        track_budget: track within this extra cost over untracked training
+            (fraction, e.g. 0.05); the interval and the products per point are
+            chosen once from timings (flatness/training/tracking.py). 0: no budget.
+        track_products: most Hessian-vector products per tracked point (0:
+            until converged without a budget, 3 with one); each point records its error bound.
     """
 
     model: str = "cnn1d"
@@ -105,6 +115,8 @@ class TrainConfig:
     track_curvature: int = 0
     track_trace: bool = False
     track_samples: int = 256
+    track_budget: float = 0.0
+    track_products: int = 0
 
     def __post_init__(self) -> None:
         if self.rho is None:
@@ -139,6 +151,7 @@ class TrainConfig:
             ("rho", self.rho > 0, "must be positive"),
             ("adaptive_eta", self.adaptive_eta >= 0, "must be >= 0"),
             ("temperature", self.temperature > 0, "must be positive"),
+            ("track_budget", 0 <= self.track_budget <= 100, "must be in [0, 100] (a fraction of the training cost; 0: no budget)"),
         ]
         for name, ok, rule in rules:
             if not ok:
@@ -155,8 +168,15 @@ class TrainConfig:
             raise FlatnessError("--incstd starts sigma at --weight-decay (the official schedule), so it needs --weight-decay > 0")
         if self.method == "delta-sam" and self.loss != "cross_entropy":
             raise FlatnessError(f"delta-sam weighs per-sample cross-entropy losses; it takes --loss cross_entropy, not {self.loss!r}")
-        if self.track_trace and not self.track_curvature:
-            raise FlatnessError("--track-trace needs --track-curvature N (the updates between measurements)")
+        if self.track_trace and not self.tracking:
+            raise FlatnessError("--track-trace needs --track-curvature (or --track-budget)")
+        if self.track_products and not self.tracking:
+            raise FlatnessError("--track-products needs --track-curvature (or --track-budget)")
+
+    @property
+    def tracking(self) -> bool:
+        """Curvature is tracked: every ``track_curvature`` updates, or within ``track_budget``."""
+        return self.track_curvature > 0 or self.track_budget > 0
 
     # ------------------------------------------------------------------ the protocol
     @property

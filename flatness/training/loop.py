@@ -355,9 +355,9 @@ def _build_state(s: _Session, resuming: bool) -> _State:
     optimizer = s.spec.build(s.model, c)
     scheduler = make_scheduler(optimizer, c, s.batches_per_epoch)
     tracker = None
-    if c.track_curvature:  # a fixed batch of samples the run trains on (never held-out ones)
+    if c.tracking:  # a fixed batch of samples the run trains on (never held-out ones)
         fixed = s.data.train.take(s.data.train_idx[: c.track_samples])
-        tracker = CurvatureTracker(c.track_curvature, c.track_trace, fixed, loss_fn=s.data.loss_fn)
+        tracker = CurvatureTracker.from_config(c, fixed, s.data.loss_fn, c.epochs * s.batches_per_epoch, s.dev)
     state = _State(optimizer, scheduler, TrainParallel(s.model, s.info), tracker)
     state.acc, state.bad_step = state.acc.to(s.dev), state.bad_step.to(s.dev)
     if resuming:
@@ -571,7 +571,7 @@ def _after_update(s: _Session, state: _State, epoch: int) -> None:
     state.scheduler.step()
     if state.sigma_schedule is not None:
         state.sigma_schedule.step()
-    if state.tracker is not None and state.tracker.due(state.step) and s.info.is_main:
+    if state.tracker is not None and s.info.is_main and state.tracker.after_update(state.step):
         _check_finite(s, state, epoch, weights=True)
         row = state.tracker.measure(s.model, state.step)
         s.model.train()
@@ -611,6 +611,7 @@ def _end_epoch(s: _Session, state: _State, epoch: int) -> None:
             row.pop(key, None)
     if state.tracker is not None:
         row["curvature_fraction"] = state.tracker.seconds / max(state.seconds, 1e-12)
+        row["extra_fraction"] = state.tracker.extra_fraction  # (tracked - untracked) / untracked, one clock
     state.metrics.append(row)
     state.acc.zero_()
     state.epoch, state.batch_in_epoch = epoch + 1, 0

@@ -1,22 +1,67 @@
-r"""Curvature during training: lambda_max every N updates (``flatness train --track-curvature N``).
+r"""Curvature during training: lambda_max at chosen updates (``flatness train --track-curvature [N]``).
 
-At every N-th update the largest Hessian eigenvalue of the mean
-cross-entropy on a fixed analysis batch (the first ``track_samples``
-training samples, model in eval mode, as ``flatness hessian --samples``
-measures it) is computed by Lanczos, warm-started from the previous point's
-top eigenvector: the weights move little between points, so the previous
-vector is close to the new one and a few products suffice. Optionally the
+At a measured update the largest Hessian eigenvalue of the mean loss on a
+fixed analysis batch (``track_samples`` training samples, model in eval
+mode, as ``flatness hessian --samples`` measures it) is computed by Lanczos,
+warm-started from the previous point's top eigenvector. Optionally the
 trace (Hutch++). This is the measurement behind progressive sharpening and
 the edge of stability (Cohen et al. 2021, "Gradient Descent on Neural
 Networks Typically Occurs at the Edge of Stability"), where SGD's
 :math:`\lambda_{\max}` hovers at :math:`2/\eta`.
 
-The warm-start vector and the rows measured so far live in the checkpoint,
-so a resumed run measures exactly what an uninterrupted one does.
+Two ways to say how much to measure:
+
+``every`` N updates, to full convergence (``--track-curvature N``)
+    Lanczos to a relative eigenvalue error of :data:`TRACK_TOL` at every
+    N-th update, as ``flatness hessian`` does; with ``products`` P > 0
+    (``--track-products P``), at most P products per point instead.
+a cost budget (``--track-curvature`` alone, or ``--track-budget B``)
+    At most a fraction B of extra cost over untracked training. The first
+    ``calibration`` updates are timed; the first point (cold start, tol
+    :data:`BUDGET_TOL`) times a product and the operator's set-up; from
+    these the tracker fixes, once, the interval N and the products per
+    point P (default :data:`BUDGET_PRODUCTS`) so that the expected cost of
+    the remaining points fits the budget over the run's updates:
+
+    .. math::
+
+        n = \Big\lfloor \frac{B\, U\, t_u - c_0}{t_b + P\, t_h} \Big\rfloor,
+        \qquad N = \Big\lceil \frac{U - K}{n} \Big\rceil,
+
+    with :math:`U` updates, :math:`t_u` the median time of a training
+    update, :math:`c_0` the first point's cost, :math:`t_b` the operator's
+    set-up (the gradient graph) and :math:`t_h` one Hessian-vector
+    product. Later points fall on the multiples of N after the first one.
+    The plan is a decision taken once and stored in the checkpoint, so a
+    resumed run measures at the same updates, with the same warm starts, as
+    the uninterrupted run that took the same decision (timing is not
+    reproducible; the stored decision is).
+
+Why a few products suffice: the weights move little between points, so the
+previous top eigenvector is close to the new one. One product gives the
+Rayleigh quotient :math:`\theta = v^\top H v` and the residual
+:math:`r = \|Hv - \theta v\|`, and some eigenvalue lies within :math:`r` of
+:math:`\theta` (Parlett, *The Symmetric Eigenvalue Problem*, Thm 4.5.1);
+each further Lanczos step tightens this to the Kato-Temple bound
+:math:`r^2/\delta` (:func:`flatness.curvature.lanczos.error_bounds`, with the
+gap :math:`\delta` estimated from the Ritz values). Every row records its
+products (``hvp_count``), its ``error_bound`` (the Lanczos bound that
+``flatness hessian`` also reports), its ``residual`` (the rigorous bound) and
+``converged`` (the bound met the tolerance). A Ritz value never exceeds
+:math:`\lambda_{\max}`, so the tracked value is also a lower bound.
+
+Cost, honestly: ``extra_fraction`` = time spent measuring / time spent on
+everything else of the run (training updates, evaluation, checkpoints),
+both on one clock (process CPU time on CPU, which is the thread time with
+one thread; wall time with a synchronised device on CUDA); that is
+(tracked - untracked) / untracked. ``benchmarks/track_overhead.py`` checks
+it against two separate runs.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,24 +70,66 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: Relative eigenvalue tolerance of the tracked Lanczos runs.
+#: Relative eigenvalue tolerance of the tracked Lanczos runs (``--track-curvature N``: full convergence).
 TRACK_TOL = 1e-6
 TRACK_MAX_ITER = 300
 TRACE_MATVECS = 30
+#: Relative eigenvalue tolerance under a budget or a product cap (the bound reached is recorded per point).
+BUDGET_TOL = 1e-3
+#: Most products of a warm-started point under a budget (``--track-products`` overrides).
+BUDGET_PRODUCTS = 5
+#: Most products of the first (cold-start) point under a budget.
+COLD_PRODUCTS = 20
+#: Ritz vectors a capped point keeps as the next warm start.
+WARM_VECTORS = 2
+#: Most training updates timed before the first point under a budget.
+CALIBRATION_UPDATES = 10
+#: Keys of a ``curvature.jsonl`` row that hold times (they differ between two runs of the same settings).
+TIME_KEYS = ("curvature_seconds", "extra_fraction", "plan")
+
+
+def calibration_updates(total_updates: int) -> int:
+    """Updates timed before the first budgeted point: a tenth of the run, between 2 and :data:`CALIBRATION_UPDATES`."""
+    return max(1, min(CALIBRATION_UPDATES, max(2, total_updates // 10), total_updates))
+
+
+def plan_interval(budget: float, total_updates: int, start: int, first_cost: float, point_cost: float, t_update: float,
+                  min_every: int = 1) -> int:
+    """Interval N between budgeted points after the first, or 0 when the budget has no room for another.
+
+    ``budget * total_updates * t_update`` is the measuring time allowed;
+    the first point (``first_cost``) is spent; each later point costs
+    ``point_cost``. ``min_every`` is a floor on N (``--track-curvature N``
+    with a budget).
+    """
+    left = budget * total_updates * t_update - first_cost
+    remaining = total_updates - start
+    if remaining <= 0 or point_cost <= 0 or left < point_cost:
+        return 0
+    n = int(left // point_cost)
+    return max(min_every, 1, math.ceil(remaining / n))
 
 
 @dataclass
 class CurvatureTracker:
-    """lambda_max (and optionally the trace) on a fixed batch every ``every`` updates.
+    """lambda_max (and optionally the trace) on a fixed batch, every ``every`` updates or within a ``budget``.
 
     Attributes:
-        every: updates between measurements.
+        every: updates between measurements (0 under a budget: chosen by the plan;
+            with a budget, a floor on the chosen interval).
         trace: also estimate the trace (Hutch++, :data:`TRACE_MATVECS` products).
         batch: the fixed analysis batch: ``(x, y)``, or any batch ``loss_fn`` takes.
+        budget: most extra cost over untracked training (fraction; 0: no budget).
+        products: most products per point (0: until :data:`TRACK_TOL`, or the budget's default).
+        total_updates: the run's updates (the budget is spread over them).
         vector: the last top eigenvector (flat, over all parameters in
             ``model.parameters()`` order), the next warm start.
         rows: one dict per measured point (``curvature.jsonl``).
-        seconds: total measuring time so far.
+        seconds: measuring time so far (on :attr:`clock`).
+        train_seconds: time of everything else so far (on :attr:`clock`).
+        plan: the budget's decision (``start``, ``every``, ``products``, the times
+            it was made from), ``None`` until the first point.
+        timings: update times collected for the plan (until it is made).
     """
 
     every: int
@@ -52,34 +139,138 @@ class CurvatureTracker:
     rows: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     loss_fn: Any = F.cross_entropy  # ``(output, target)`` loss or a flatness.losses.ModelLoss
+    budget: float = 0.0
+    products: int = 0
+    total_updates: int = 0
+    train_seconds: float = 0.0
+    plan: dict[str, Any] | None = None
+    timings: list[float] = field(default_factory=list)
+    cuda: bool = False
+    _mark: float | None = None
+
+    @classmethod
+    def from_config(cls, config: Any, batch: Any, loss_fn: Any, total_updates: int, device: torch.device) -> CurvatureTracker:
+        """The tracker a :class:`~flatness.training.config.TrainConfig` asks for."""
+        return cls(config.track_curvature, config.track_trace, batch, loss_fn=loss_fn, budget=config.track_budget,
+                   products=config.track_products, total_updates=total_updates, cuda=torch.device(device).type == "cuda")
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def clock(self) -> str:
+        return "wall (device synchronised)" if self.cuda else "process CPU"
+
+    def _now(self, *, sync: bool = True) -> float:
+        """The clock; on CUDA the queued kernels finish first (``sync``), so their time lands where it belongs."""
+        if self.cuda:
+            if sync:
+                torch.cuda.synchronize()
+            return time.perf_counter()
+        return time.process_time()
+
+    @property
+    def extra_fraction(self) -> float:
+        """Measuring time over the time of everything else (same clock): (tracked - untracked) / untracked."""
+        return self.seconds / max(self.train_seconds, 1e-12)
 
     def due(self, step: int) -> bool:
-        return self.every > 0 and step % self.every == 0
+        """Whether update ``step`` is measured (a pure function of the settings and the stored plan)."""
+        if self.budget <= 0:
+            return self.every > 0 and step % self.every == 0
+        if self.plan is None:
+            return step >= calibration_updates(self.total_updates)
+        n = int(self.plan["every"])
+        return n > 0 and step > int(self.plan["start"]) and step % n == 0
 
+    def after_update(self, step: int) -> bool:
+        """Called once after every update: books the time since the last call as training; returns :meth:`due`."""
+        # On CUDA only the updates timed for the plan wait for the device; the others are booked unsynchronised
+        # (no host sync per update), which evens out over the run and is settled at every measured point.
+        now = self._now(sync=self.budget > 0 and self.plan is None)
+        if self._mark is not None:
+            self.train_seconds += now - self._mark
+            if self.plan is None:
+                self.timings.append(now - self._mark)
+        self._mark = now
+        return self.due(step)
+
+    # ------------------------------------------------------------------ measuring
     def measure(self, model: nn.Module, step: int) -> dict[str, Any]:
         """Measure at the current weights (after update ``step``); returns the new row."""
         from flatness.curvature.lanczos import lanczos_top_eigs
         from flatness.curvature.operator import HessianOperator
 
-        t0 = time.perf_counter()
+        t0 = self._now()
+        if self._mark is not None:
+            self.train_seconds += t0 - self._mark  # the device finishing the last update's work
         H = HessianOperator(model, self.loss_fn, [self.batch], distributed=False)
         v0 = self.vector.to(H.device, H.dtype) if self.vector is not None else None
-        res = lanczos_top_eigs(H, 1, TRACK_TOL, TRACK_MAX_ITER, v0=v0, seed=step)
-        self.vector = res.eigenvectors[:, 0].detach().cpu().clone()
-        row: dict[str, Any] = {"step": step, "lambda_max": float(res.eigenvalues[0]), "hvp_count": int(res.hvp_count)}
+        cap, tol = self._work(cold=v0 is None)
+        # A capped point keeps the top WARM_VECTORS Ritz vectors and starts from their sum: when two top
+        # eigenvalues cross between points, a few Lanczos steps from that start still see the new top one.
+        k = 1 if tol <= TRACK_TOL else WARM_VECTORS
+        res = lanczos_top_eigs(H, k, tol, max(cap, k), v0=v0, seed=step, check_every=1 if k > 1 else None)
+        t_lanczos = self._now()
+        self.vector = (res.eigenvectors[:, 0] if k == 1 else res.eigenvectors).detach().cpu().clone()
+        row: dict[str, Any] = {
+            "step": step,
+            "lambda_max": float(res.eigenvalues[0]),
+            "hvp_count": int(res.hvp_count),
+            # Converged: the Lanczos bound, as ``flatness hessian`` reports it. Stopped by the cap: the residual,
+            # which bounds the distance to the nearest eigenvalue rigorously; the Kato-Temple estimate r^2/delta
+            # (``ritz_bound``) needs the gap to the rest of the spectrum, which a few Ritz values overestimate.
+            "error_bound": float(res.error_bounds[0] if res.converged else res.residuals[0]),
+            "residual": float(res.residuals[0]),
+            "ritz_bound": float(res.error_bounds[0]),
+            "converged": bool(res.converged),
+        }
         if self.trace:
             from flatness.curvature.trace import hutchpp_trace
 
             row["trace"] = float(hutchpp_trace(H, TRACE_MATVECS, seed=step).trace)
-        row["curvature_seconds"] = time.perf_counter() - t0
-        self.seconds += row["curvature_seconds"]
+        t1 = self._now()
+        row["curvature_seconds"] = t1 - t0
+        self.seconds += t1 - t0
+        if self.budget > 0 and self.plan is None:
+            row["plan"] = self.plan = self._make_plan(step, t1 - t0, t_lanczos - t0, res.hvp_count)
+        row["extra_fraction"] = self.extra_fraction
         self.rows.append(row)
+        self._mark = self._now()  # the measuring is not training time
         return row
 
+    def _work(self, *, cold: bool) -> tuple[int, float]:
+        """(most products, relative tolerance) of the next point."""
+        if self.budget <= 0 and self.products <= 0:
+            return TRACK_MAX_ITER, TRACK_TOL
+        if cold:  # no warm start: a few products would find *an* eigenvalue, not the top one
+            return max(COLD_PRODUCTS, self.products), BUDGET_TOL
+        if self.plan is not None:
+            return int(self.plan["products"]), BUDGET_TOL
+        return self.products or BUDGET_PRODUCTS, BUDGET_TOL
+
+    def _make_plan(self, step: int, cost: float, lanczos: float, products: int) -> dict[str, Any]:
+        """Interval and products per point from the timed updates and the first point (see the module docstring)."""
+        t_update = statistics.median(self.timings) if self.timings else cost
+        # One product's time from the first point: its Lanczos part over its products, the set-up
+        # (operator, gradient graph on the first product) estimated as one product more.
+        t_product = lanczos / (products + 1)
+        per_point = self.products or BUDGET_PRODUCTS
+        point_cost = t_product * (per_point + 1 + (TRACE_MATVECS if self.trace else 0))
+        every = plan_interval(self.budget, self.total_updates, step, cost, point_cost, t_update, max(self.every, 1))
+        self.timings = []
+        return {"start": step, "every": every, "products": per_point, "budget": self.budget, "clock": self.clock,
+                "t_update": t_update, "t_product": t_product, "first_cost": cost, "point_cost": point_cost,
+                "total_updates": self.total_updates}
+
+    # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
-        return {"vector": self.vector, "rows": list(self.rows), "seconds": self.seconds}
+        return {"vector": self.vector, "rows": list(self.rows), "seconds": self.seconds, "train_seconds": self.train_seconds,
+                "plan": dict(self.plan) if self.plan is not None else None, "timings": list(self.timings)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.vector = state["vector"]
         self.rows = list(state["rows"])
         self.seconds = float(state["seconds"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.plan = dict(state["plan"]) if state.get("plan") is not None else None
+        self.timings = list(state.get("timings", []))
+        self._mark = None  # the time between the checkpoint and this process's first update is not training

@@ -227,7 +227,9 @@ def test_config_is_frozen() -> None:
 
 # ---------------------------------------------------------------- issue 17: curvature during training
 def _curv_rows(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(x).items() if k != "curvature_seconds"} for x in (run / "curvature.jsonl").read_text().splitlines()]
+    from flatness.training.tracking import TIME_KEYS
+
+    return [{k: v for k, v in json.loads(x).items() if k not in TIME_KEYS} for x in (run / "curvature.jsonl").read_text().splitlines()]
 
 
 def test_tracked_curvature_survives_resume_exactly(tmp_path: Path) -> None:

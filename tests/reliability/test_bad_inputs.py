@@ -47,6 +47,9 @@ def row(rid: str, argv: list[str], pattern: str, *marks: pytest.MarkDecorator) -
 ROWS = [
     # --- train -------------------------------------------------------------------------------
     row("train-negative-sigma", TRAIN + ["--method", "rwp", "--sigma", "-0.1", "--out", "new"], r"--sigma must be >= 0, got -0\.1"),
+    row("train-negative-track-budget", TRAIN + ["--track-budget", "-0.05", "--out", "new"], r"--track-budget must be in \[0, 100\]"),
+    row("train-track-products-alone", TRAIN + ["--track-products", "3", "--out", "new"], r"--track-products needs --track-curvature"),
+    row("train-negative-track-products", TRAIN + ["--track-curvature", "--track-products", "-1", "--out", "new"], r"--track-products must be an integer >= 0"),
     row("train-lam-above-1", TRAIN + ["--method", "m-arwp", "--lam", "1.5", "--out", "new"], r"--lam must be in \[0, 1\], got 1\.5"),
     row("train-beta-1", TRAIN + ["--method", "arwp", "--beta", "1", "--out", "new"], r"--beta must be in \[0, 1\), got 1\.0"),
     row("train-rho-0", TRAIN + ["--method", "sam", "--rho", "0", "--out", "new"], r"--rho must be (a finite )?positive( number)?, got 0\.0"),

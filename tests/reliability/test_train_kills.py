@@ -45,12 +45,14 @@ def _tensors_equal(a, b) -> bool:  # noqa: ANN001 - nested checkpoint values
 
 
 def _metrics(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "curvature_fraction")}
+    return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "curvature_fraction", "extra_fraction")}
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _curvature(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "curvature_seconds"}
+    from flatness.training.tracking import TIME_KEYS
+
+    return [{k: v for k, v in json.loads(line).items() if k not in TIME_KEYS}
             for line in (run / "curvature.jsonl").read_text().splitlines()]
 
 

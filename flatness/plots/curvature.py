@@ -7,8 +7,8 @@ gradient descent on a quadratic is stable only while
 :math:`\lambda_{\max} < 2/\eta`, and with momentum while
 :math:`\lambda_{\max} < (2 + 2\beta)/\eta` (Cohen et al. 2021, "Gradient
 Descent on Neural Networks Typically Occurs at the Edge of Stability").
-The measuring cost (share of the training wall time spent measuring) is
-given in the legend. ``flatness plot`` and the compare report both draw
+The measuring cost (extra time over untracked training, ``extra_fraction``)
+is given in the legend. ``flatness plot`` and the compare report both draw
 through :func:`curvature_figure`. Matplotlib is imported inside the
 functions and used through its object-oriented API on an Agg canvas.
 """
@@ -33,7 +33,7 @@ class CurvatureTrack:
         label: legend text.
         rows: ``curvature.jsonl`` rows (each with ``step`` and ``lambda_max``).
         config: the run's config.json (``method``, ``lr``, ``momentum`` are used).
-        percent: measuring time as % of training time, or ``None`` if unknown.
+        percent: extra cost of measuring over untracked training, in %, or ``None`` if unknown.
         series: ``(method, seed)`` for the line's colour (method) and style (seed);
             default: the config's ``method`` and ``seed``.
     """
@@ -75,7 +75,7 @@ def draw_curvature_tracks(ax: Any, tracks: list[CurvatureTrack], *, log: bool = 
         rows = [r for r in t.rows if r.get("lambda_max") is not None]
         ys = [float(r["lambda_max"]) for r in rows]
         values += ys
-        cost = f" (measuring: {t.percent:.1f}% of training time)" if t.percent is not None else ""
+        cost = f" (tracking: +{t.percent:.1f}% over untracked training)" if t.percent is not None else ""
         st = styles.style(*t.method_seed())
         ax.plot([r["step"] for r in rows], ys, color=st.color, ls=st.linestyle, marker=st.marker, ms=2.5, label=t.label + cost)
     for height, ls, label in thresholds(tracks):
@@ -130,8 +130,10 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 def load_track(path: str | Path) -> CurvatureTrack:
     """A run's track from ``RUN/curvature.jsonl`` (or the run directory), with config.json and metrics.jsonl beside it.
 
-    The measuring cost is the last ``curvature_fraction`` in metrics.jsonl
-    (measuring seconds over training seconds, cumulative).
+    The measuring cost is the last ``extra_fraction`` in metrics.jsonl
+    (measuring time over the time of everything else, cumulative); runs of
+    older versions hold ``curvature_fraction`` = f (measuring over training
+    including measuring), read as f / (1 - f).
 
     Raises:
         FlatnessError: no curvature.jsonl in the folder, an empty file, or a
@@ -153,8 +155,10 @@ def load_track(path: str | Path) -> CurvatureTrack:
             last = json.loads(lines[-1]) if lines else {}
         except json.JSONDecodeError:
             last = {}
-        if isinstance(last, dict) and isinstance(last.get("curvature_fraction"), (int, float)):
-            percent = 100.0 * float(last["curvature_fraction"])
+        if isinstance(last, dict) and isinstance(last.get("extra_fraction"), (int, float)):
+            percent = 100.0 * float(last["extra_fraction"])
+        elif isinstance(last, dict) and isinstance(last.get("curvature_fraction"), (int, float)) and last["curvature_fraction"] < 1:
+            percent = 100.0 * float(last["curvature_fraction"]) / (1.0 - float(last["curvature_fraction"]))
     label = str(config.get("method") or path.parent.name)
     return CurvatureTrack(label, rows, config, percent)
 
@@ -172,7 +176,7 @@ def plot_curvature_track(path: str | Path, out: str | Path, *, log: bool = True)
     track = load_track(path)
     title = f"Curvature during training: {track.label}"
     if track.percent is not None:
-        title += f"\nmeasuring cost {track.percent:.1f}% of training time"
+        title += f"\nmeasuring cost +{track.percent:.1f}% over untracked training"
     fig = curvature_figure([track], log=log, title=title)
     try:
         fig.savefig(out, dpi=150, bbox_inches="tight")

@@ -44,8 +44,18 @@ def test_figure_holds_the_tracked_values_and_thresholds(run: Path, tmp_path: Pat
     flat = {line.get_linestyle(): float(line.get_ydata()[0]) for line in ax.lines if line is not curve[0]}
     assert flat["--"] == pytest.approx(2.0 / cfg["lr"])
     assert flat[":"] == pytest.approx((2 + 2 * cfg["momentum"]) / cfg["lr"])
-    fraction = _rows(run / "metrics.jsonl")[-1]["curvature_fraction"]
-    assert f"{100 * fraction:.1f}% of training time" in ax.get_title()
+    fraction = _rows(run / "metrics.jsonl")[-1]["extra_fraction"]
+    assert f"+{100 * fraction:.1f}% over untracked training" in ax.get_title()
+
+
+def test_cost_of_an_older_run_is_read_as_extra_over_untracked(run: Path, tmp_path: Path) -> None:
+    """Older metrics.jsonl hold only curvature_fraction f = measuring / (training + measuring): extra = f / (1 - f)."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "curvature.jsonl").write_text((run / "curvature.jsonl").read_text())
+    (old / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "curvature_fraction": 0.2}) + "\n")
+    fig = plot_curvature_track(old, tmp_path / "o.png")
+    assert "+25.0% over untracked training" in fig.axes[0].get_title()
 
 
 def test_cli_file_and_run_directory(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

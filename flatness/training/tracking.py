@@ -31,24 +31,40 @@ a cost budget (``--track-curvature`` alone, or ``--track-budget B``)
     with :math:`U` updates, :math:`t_u` the median time of a training
     update, :math:`c_0` the first point's cost, :math:`t_b` the operator's
     set-up (the gradient graph) and :math:`t_h` one Hessian-vector
-    product. Later points fall on the multiples of N after the first one.
+    product; N > K is rounded up to a multiple of K. Later points fall on
+    the multiples of N after the first one (at update K), so every point is
+    also a point of ``--track-curvature K``.
     The plan is a decision taken once and stored in the checkpoint, so a
     resumed run measures at the same updates, with the same warm starts, as
     the uninterrupted run that took the same decision (timing is not
     reproducible; the stored decision is).
 
 Why a few products suffice: the weights move little between points, so the
-previous top eigenvector is close to the new one. One product gives the
-Rayleigh quotient :math:`\theta = v^\top H v` and the residual
-:math:`r = \|Hv - \theta v\|`, and some eigenvalue lies within :math:`r` of
-:math:`\theta` (Parlett, *The Symmetric Eigenvalue Problem*, Thm 4.5.1);
-each further Lanczos step tightens this to the Kato-Temple bound
-:math:`r^2/\delta` (:func:`flatness.curvature.lanczos.error_bounds`, with the
-gap :math:`\delta` estimated from the Ritz values). Every row records its
-products (``hvp_count``), its ``error_bound`` (the Lanczos bound that
-``flatness hessian`` also reports), its ``residual`` (the rigorous bound) and
-``converged`` (the bound met the tolerance). A Ritz value never exceeds
-:math:`\lambda_{\max}`, so the tracked value is also a lower bound.
+previous top eigenvector is close to the new one, and a few Lanczos steps
+from it (at most P, stopping early at a relative :data:`BUDGET_TOL`) refine
+it. The Ritz value :math:`\theta` with unit Ritz vector :math:`x` and
+residual :math:`r = \|Hx - \theta x\|` has an eigenvalue within :math:`r`
+(Parlett, *The Symmetric Eigenvalue Problem*, Thm 4.5.1): that is the
+``error_bound`` of a budgeted or capped point. The tighter Kato-Temple
+estimate :math:`r^2/\delta` (``ritz_bound``,
+:func:`flatness.curvature.lanczos.error_bounds`) needs the gap
+:math:`\delta` to the rest of the spectrum, which a few Lanczos steps
+overestimate, so it is recorded but not claimed. Points at full convergence
+(``--track-curvature N``) report the Lanczos bound, as ``flatness hessian``
+does. A Ritz value never exceeds :math:`\lambda_{\max}`, so the tracked
+value is also a lower bound; the residual bound is to the *nearest*
+eigenvalue, which is the top one while the warm start still points at it
+(with too few products in a phase where the top eigenvector turns fast, it
+may not be: tests/flatness/test_tracking.py saw that with P = 3, not with
+the default P = 5). Every row records its products (``hvp_count``),
+``error_bound``, ``residual``, ``ritz_bound`` and ``converged``.
+
+The first budgeted point has no warm start: it runs from one power step of
+a random vector to :data:`BUDGET_TOL` (at most :data:`COLD_PRODUCTS`), since
+a few products from a random start find *an* eigenvalue, not the top one.
+Its cost counts against the budget, so a run shorter than about
+``1 / budget`` times one converged point gets that one point (and exceeds
+the budget by it).
 
 Cost, honestly: ``extra_fraction`` = time spent measuring / time spent on
 everything else of the run (training updates, evaluation, checkpoints),
@@ -79,9 +95,7 @@ BUDGET_TOL = 1e-3
 #: Most products of a warm-started point under a budget (``--track-products`` overrides).
 BUDGET_PRODUCTS = 5
 #: Most products of the first (cold-start) point under a budget.
-COLD_PRODUCTS = 20
-#: Ritz vectors a capped point keeps as the next warm start.
-WARM_VECTORS = 2
+COLD_PRODUCTS = 30
 #: Most training updates timed before the first point under a budget.
 CALIBRATION_UPDATES = 10
 #: Keys of a ``curvature.jsonl`` row that hold times (they differ between two runs of the same settings).
@@ -107,7 +121,10 @@ def plan_interval(budget: float, total_updates: int, start: int, first_cost: flo
     if remaining <= 0 or point_cost <= 0 or left < point_cost:
         return 0
     n = int(left // point_cost)
-    return max(min_every, 1, math.ceil(remaining / n))
+    every = max(min_every, 1, math.ceil(remaining / n))
+    if every > start > 0:  # onto the multiples of the first point's update: every point is also one of
+        every = start * math.ceil(every / start)  # ``--track-curvature start``'s (benchmarks/track_overhead.py compares them)
+    return every
 
 
 @dataclass
@@ -205,20 +222,26 @@ class CurvatureTracker:
         H = HessianOperator(model, self.loss_fn, [self.batch], distributed=False)
         v0 = self.vector.to(H.device, H.dtype) if self.vector is not None else None
         cap, tol = self._work(cold=v0 is None)
-        # A capped point keeps the top WARM_VECTORS Ritz vectors and starts from their sum: when two top
-        # eigenvalues cross between points, a few Lanczos steps from that start still see the new top one.
-        k = 1 if tol <= TRACK_TOL else WARM_VECTORS
-        res = lanczos_top_eigs(H, k, tol, max(cap, k), v0=v0, seed=step, check_every=1 if k > 1 else None)
+        first = 0
+        if v0 is None and self.budget > 0 and self.plan is None:
+            # The budget's first point: one power step from a random vector starts the basis (rich in the top
+            # eigenvector); it runs to BUDGET_TOL (at most COLD_PRODUCTS), since a few products from a random
+            # start find *an* eigenvalue, not the top one. Its cost counts against the budget.
+            v = torch.randn(H.shape[0], generator=torch.Generator(device=H.device).manual_seed(step), dtype=H.dtype, device=H.device)
+            v0, first = H @ v, 1
+        t_start = self._now()
+        res = lanczos_top_eigs(H, 1, tol, cap, v0=v0, seed=step, check_every=1 if tol > TRACK_TOL else None)
         t_lanczos = self._now()
-        self.vector = (res.eigenvectors[:, 0] if k == 1 else res.eigenvectors).detach().cpu().clone()
+        self.vector = res.eigenvectors[:, 0].detach().cpu().clone()
         row: dict[str, Any] = {
             "step": step,
             "lambda_max": float(res.eigenvalues[0]),
-            "hvp_count": int(res.hvp_count),
-            # Converged: the Lanczos bound, as ``flatness hessian`` reports it. Stopped by the cap: the residual,
-            # which bounds the distance to the nearest eigenvalue rigorously; the Kato-Temple estimate r^2/delta
-            # (``ritz_bound``) needs the gap to the rest of the spectrum, which a few Ritz values overestimate.
-            "error_bound": float(res.error_bounds[0] if res.converged else res.residuals[0]),
+            "hvp_count": int(res.hvp_count) + first,
+            # Full convergence: the Lanczos bound, as ``flatness hessian`` reports it. A budgeted or capped point:
+            # the residual, which bounds the distance to the nearest eigenvalue rigorously; the Kato-Temple
+            # estimate r^2/delta (``ritz_bound``) needs the gap to the rest of the spectrum, which a few Lanczos
+            # steps overestimate (it missed by up to 20 % in tests/flatness/test_tracking.py's setting).
+            "error_bound": float(res.error_bounds[0] if tol <= TRACK_TOL and res.converged else res.residuals[0]),
             "residual": float(res.residuals[0]),
             "ritz_bound": float(res.error_bounds[0]),
             "converged": bool(res.converged),
@@ -231,7 +254,7 @@ class CurvatureTracker:
         row["curvature_seconds"] = t1 - t0
         self.seconds += t1 - t0
         if self.budget > 0 and self.plan is None:
-            row["plan"] = self.plan = self._make_plan(step, t1 - t0, t_lanczos - t0, res.hvp_count)
+            row["plan"] = self.plan = self._make_plan(step, t1 - t0, (t_lanczos - t_start) / res.hvp_count)
         row["extra_fraction"] = self.extra_fraction
         self.rows.append(row)
         self._mark = self._now()  # the measuring is not training time
@@ -247,12 +270,16 @@ class CurvatureTracker:
             return int(self.plan["products"]), BUDGET_TOL
         return self.products or BUDGET_PRODUCTS, BUDGET_TOL
 
-    def _make_plan(self, step: int, cost: float, lanczos: float, products: int) -> dict[str, Any]:
-        """Interval and products per point from the timed updates and the first point (see the module docstring)."""
-        t_update = statistics.median(self.timings) if self.timings else cost
-        # One product's time from the first point: its Lanczos part over its products, the set-up
-        # (operator, gradient graph on the first product) estimated as one product more.
-        t_product = lanczos / (products + 1)
+    def _t_update(self, default: float) -> float:
+        return statistics.median(self.timings) if self.timings else default
+
+    def _make_plan(self, step: int, cost: float, t_product: float) -> dict[str, Any]:
+        """Interval and products per point from the timed updates and the first point (see the module docstring).
+
+        The cost of a later point: ``products`` products and the operator's set-up (the gradient graph,
+        counted as one product more).
+        """
+        t_update = self._t_update(cost)
         per_point = self.products or BUDGET_PRODUCTS
         point_cost = t_product * (per_point + 1 + (TRACE_MATVECS if self.trace else 0))
         every = plan_interval(self.budget, self.total_updates, step, cost, point_cost, t_update, max(self.every, 1))

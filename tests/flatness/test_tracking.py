@@ -58,7 +58,7 @@ def test_budgeted_tracking_resumes_exactly(tmp_path: Path) -> None:
     cfg = _cfg(track_budget=100.0, save_every=5)  # room for every update: the schedule does not depend on timing
 
     class Killed(Exception):
-        assert c["error_bound"] == c["residual"]
+        pass
 
     def stop(row: dict) -> None:
         if row["epoch"] == 2:

@@ -22,7 +22,7 @@ its points). Training does not depend on tracking (bitwise), so the two runs
 measure the same weights; every budgeted point must be within its reported
 ``error_bound`` (plus the reference's own) of the exact value.
 
-    python benchmarks/track_overhead.py                 # MNIST-1D CNN and a 128-channel CNN, 20 epochs (640 updates)
+    python benchmarks/track_overhead.py                 # MNIST-1D CNN and a 128-channel CNN, 40 epochs (1,280 updates)
     python benchmarks/track_overhead.py --quick         # seconds: the smoke test's settings
 """
 
@@ -113,7 +113,7 @@ def _fmt(v: Any) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=["cnn1d", "cnn1d-128"])
-    p.add_argument("--epochs", type=int, default=20, help="epochs of 32 updates (MNIST-1D, batch 128)")
+    p.add_argument("--epochs", type=int, default=40, help="epochs of 32 updates (MNIST-1D, batch 128)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--samples", type=int, default=256, help="--track-samples")

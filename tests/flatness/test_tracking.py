@@ -32,7 +32,7 @@ def test_plan_interval_spreads_the_budget_over_the_run() -> None:
     assert plan_interval(0.1, 1000, 10, 20.0, 8.0, 1.0, min_every=150) == 150
     assert plan_interval(0.1, 1000, 10, 95.0, 8.0, 1.0) == 0  # no room for another point
     assert plan_interval(100.0, 1000, 10, 1.0, 1.0, 1.0) == 1  # room for every update
-    assert [calibration_updates(u) for u in (1, 12, 50, 10_000)] == [1, 2, 5, 10]
+    assert [calibration_updates(u) for u in (1, 12, 50, 640, 10_000)] == [1, 2, 2, 32, 100]
 
 
 def test_capped_points_are_within_their_reported_bounds(tmp_path: Path) -> None:

@@ -232,6 +232,46 @@ def surface(table: Table, sizes: Sizes, device: torch.device) -> None:
     table.add("surface.loop_s", seconds["loop"], "same grid and directions, one point at a time")
     table.add("surface.loop_over_vmap", seconds["loop"] / seconds["vmap"], "speed-up of vmap")
     table.add("surface.max_abs_diff", diff, "max |loss_vmap - loss_loop|")
+    floors = surface_floors(net, x, y, dirs, sizes.grid, device)
+    table.add("surface.floor_vmap_s", floors["vmap"], "bare vmap forward + loss, same points cut in the surface's chunks")
+    table.add("surface.floor_loop_s", floors["loop"], "bare forward + loss, one batch per point")
+    table.add("surface.vmap_over_floor", seconds["vmap"] / floors["vmap"], "ours (vmap) / its floor (issue 25)")
+    table.add("surface.vmap_over_loop_floor", seconds["vmap"] / floors["loop"], "ours (vmap) / the one-batch loop floor")
+
+
+def surface_floors(net: nn.Module, x: torch.Tensor, y: torch.Tensor, dirs: list, grid: int, device: torch.device) -> dict[str, float]:
+    """Time of the bare forward + loss over the same samples and grid points: vmapped in the surface's chunks, and a loop.
+
+    The weight sets are stacked before the clock starts, so only the forward and the loss are timed.
+    """
+    from torch.func import functional_call, vmap
+
+    from flatness.landscape.evaluate import auto_chunk_size, stacked_weights
+
+    names = [k for k, _ in net.named_parameters()]
+    center = model_weights(net)
+    axis = torch.linspace(-1, 1, grid, dtype=torch.float64)
+    coords = torch.cartesian_prod(axis, axis).to(device)
+    chunk = auto_chunk_size(net, [(x, y)], "vmap")
+    stacks = [stacked_weights(center, dirs, coords[i : i + chunk]) for i in range(0, len(coords), chunk)]
+
+    def one(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return nn.functional.cross_entropy(functional_call(net, params, (x,)), y)
+
+    def vmapped() -> None:
+        with torch.no_grad():
+            for ws in stacks:
+                vmap(one)(dict(zip(names, ws)))
+
+    def looped() -> None:
+        with torch.no_grad():
+            for _ in range(len(coords)):
+                nn.functional.cross_entropy(net(x), y)
+
+    with torch.no_grad():  # warm-up: kernels, allocator
+        vmap(one)(dict(zip(names, stacks[0])))
+        nn.functional.cross_entropy(net(x), y)
+    return {"vmap": timed(vmapped, device)[1], "loop": timed(looped, device)[1]}
 
 
 def optim_steps(table: Table, sizes: Sizes, device: torch.device) -> None:

@@ -14,10 +14,19 @@ Compares, in one run and on the same directions:
   ``DataLoader`` (their default batch size 128, ``shuffle=False``,
   in-process loading by default: the most favourable setting for them;
   ``--ref-workers 2`` is their default ``--threads 2``) with a
-  ``loss.item()`` per batch, next point.
+  ``loss.item()`` per batch, next point;
+- two floors (issue 25): the bare forward + loss over the same samples, once
+  per grid point, with nothing else (no weights written, no accuracy, no
+  bookkeeping): ``floor (one batch)`` forwards all samples at once,
+  ``floor (cut as ours)`` in the micro-batches the surface's loop cuts them
+  into (:func:`flatness.landscape.evaluate.micro_batch_size`). No surface
+  method can do less work per point than its floor; ``ours / floor`` is how
+  far from it we are;
 
-and prints the wall time of each and the largest difference of the values
-against the reference. The grid is timed in blocks of rows with the methods
+and prints the process CPU time of each (one thread: the thread time of the
+work, unaffected by other processes on a shared machine; ``--wall`` for wall
+time), the ratios against the reference and the floors, and the largest
+difference of the values against the reference. The grid is timed in blocks of rows with the methods
 taking turns, so that a change of load on a shared machine affects all of
 them alike. Usage::
 
@@ -28,6 +37,8 @@ them alike. Usage::
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +50,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from flatness.data import analysis_batches, load_dataset
 from flatness.landscape import SurfaceFile, SurfaceSpec, loss_surface, model_weights, random_directions
+from flatness.landscape.evaluate import _micro_batches, micro_batch_size
 from flatness.landscape.grid import grid_points
 from flatness.models import build_model
 
@@ -70,6 +82,19 @@ def loss_landscape_scheme(net: nn.Module, loader: DataLoader, center: list, dirs
     return out
 
 
+@torch.no_grad()
+def floor(net: nn.Module, batches: list, points: int) -> np.ndarray:
+    """The bare forward + mean loss over ``batches`` (summed, weighted), ``points`` times: the work of a surface, nothing else."""
+    out = torch.zeros(points, dtype=torch.float64)
+    total = sum(len(y) for _, y in batches)
+    for k in range(points):
+        acc = torch.zeros((), dtype=torch.float64)
+        for x, y in batches:
+            acc += nn.functional.cross_entropy(net(x), y).double() * len(y)
+        out[k] = acc / total
+    return out.numpy()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="a cnn1d checkpoint (default: a fresh seeded cnn1d)")
@@ -81,7 +106,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--blocks", type=int, default=8, help="the grid is timed in this many interleaved blocks of rows")
     parser.add_argument("--no-vmap", action="store_true", help="skip the vmap row")
+    parser.add_argument("--wall", action="store_true", help="time wall clock instead of process CPU time")
     args = parser.parse_args()
+    clock = time.perf_counter if args.wall else time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -106,7 +133,9 @@ def main() -> None:
     if not args.no_vmap:
         names.append("ours (loss_surface, vmap, 16 points per chunk)")
     ref_name = f"loss-landscape scheme (DataLoader, bs {args.ref_batch_size}" + (f", {args.ref_workers} workers)" if args.ref_workers else ")")
-    seconds = dict.fromkeys([ref_name, *names], 0.0)
+    cut = _micro_batches([(x, y)], micro_batch_size(net, [(x, y)]))
+    floor_names = ["floor: bare forward + loss, one batch", f"floor: bare forward + loss, cut as ours ({'+'.join(str(len(b[1])) for b in cut)})"]
+    seconds = dict.fromkeys([ref_name, *names, *floor_names], 0.0)
     values: dict[str, list[np.ndarray]] = {k: [] for k in seconds}
 
     # The grid's rows are timed block by block, the methods taking turns within each block,
@@ -126,12 +155,16 @@ def main() -> None:
                                                                                chunk_size=16), directions=dirs)
             points = grid_points(np.linspace(*x_axis[:2], x_axis[2]), xs)
             runs[ref_name] = lambda: loss_landscape_scheme(net, loader, center, dirs, points)
+            runs[floor_names[0]] = lambda: floor(net, [(x, y)], len(points))
+            runs[floor_names[1]] = lambda: floor(net, cut, len(points))
             order = list(runs)
             order = order[b % len(order) :] + order[: b % len(order)]
             for name in order:
-                t = time.perf_counter()
+                t = clock()
                 out = runs[name]()
-                seconds[name] += time.perf_counter() - t
+                seconds[name] += clock() - t
+                if name in floor_names:
+                    continue
                 if name == ref_name:
                     values[name].append(out)
                 else:
@@ -140,18 +173,24 @@ def main() -> None:
     ref = np.concatenate(values[ref_name])
     n_pts = len(ref)
     t_ref = seconds[ref_name]
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"{args.n}x{args.n} surface, cnn1d on MNIST-1D, {len(y)} samples, {torch.get_num_threads()} thread(s), "
-          f"torch {torch.__version__}, device {next(net.parameters()).device}")
-    header = f"| {'method':<54} | {'seconds':>8} | {'ms/point':>8} | {'speedup':>7} | {'max dloss':>9} | {'max dacc':>8} |"
+          f"torch {torch.__version__}, device {next(net.parameters()).device}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
+          f"{'wall' if args.wall else 'process CPU'} time")
+    header = (f"| {'method':<54} | {'seconds':>8} | {'ms/point':>8} | {'speedup':>7} | {'/ floor 1 batch':>15} | "
+              f"{'/ floor cut':>11} | {'max dloss':>9} | {'max dacc':>8} |")
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
-    print(f"| {ref_name:<54} | {t_ref:8.2f} | {1e3 * t_ref / n_pts:8.3f} | {1.0:7.2f} | {'-':>9} | {'-':>8} |")
-    for name in names:
-        got = np.concatenate(values[name])
-        dloss = np.abs(got[:, 0] - ref[:, 0]).max()
-        dacc = np.abs(got[:, 1] - ref[:, 1]).max()
+    f1, fc = seconds[floor_names[0]], seconds[floor_names[1]]
+    for name in [ref_name, *names, *floor_names]:
         secs = seconds[name]
-        print(f"| {name:<54} | {secs:8.2f} | {1e3 * secs / n_pts:8.3f} | {t_ref / secs:7.2f} | {dloss:9.1e} | {dacc:8.1e} |")
+        if values.get(name) and name != ref_name:
+            got = np.concatenate(values[name])
+            dl, da = f"{np.abs(got[:, 0] - ref[:, 0]).max():9.1e}", f"{np.abs(got[:, 1] - ref[:, 1]).max():8.1e}"
+        else:
+            dl, da = f"{'-':>9}", f"{'-':>8}"
+        print(f"| {name:<54} | {secs:8.2f} | {1e3 * secs / n_pts:8.3f} | {t_ref / secs:7.2f} | {secs / f1:15.2f} | {secs / fc:11.2f} | {dl} | {da} |")
 
 
 if __name__ == "__main__":

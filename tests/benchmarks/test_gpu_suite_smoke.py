@@ -20,6 +20,7 @@ NUMBER_ROWS = [
     "eig.pyhessian_s", "eig.pyhessian_hvps", "eig.pyhessian_max_rel_err",
     "eig.pyhessian_over_ours_time", "eig.pyhessian_over_ours_hvps",
     "surface.vmap_s", "surface.loop_s", "surface.loop_over_vmap", "surface.max_abs_diff",
+    "surface.floor_vmap_s", "surface.floor_loop_s", "surface.vmap_over_floor", "surface.vmap_over_loop_floor",
     "optim.sgd_ms", "optim.arwp_ms", "optim.marwp_ms", "optim.arwp_over_sgd", "optim.marwp_over_sgd",
 ]  # fmt: skip
 CUDA_ONLY_ROWS = ["optim.sgd_syncs", "optim.arwp_syncs", "optim.marwp_syncs"]

@@ -74,7 +74,7 @@ class TrainConfig:
             (fraction, e.g. 0.05); the interval and the products per point are
             chosen once from timings (flatness/training/tracking.py). 0: no budget.
         track_products: most Hessian-vector products per tracked point (0:
-            until converged without a budget, 3 with one); each point records its error bound.
+            until converged without a budget, 5 with one); each point records its error bound.
     """
 
     model: str = "cnn1d"

@@ -27,7 +27,8 @@ def test_quick_run_prints_the_columns_with_finite_numbers() -> None:
     header = [c.strip() for c in lines[1].strip("|").split("|")]
     assert header[:7] == ["model", "params", "updates", "untracked_s", "tracked_s", "extra_measured", "extra_fraction_in_run"]
     assert "within_bound" in header and "max_rel_bound" in header
-    for key in ("untracked_s", "tracked_s", "extra_measured", "extra_fraction_in_run", "max_rel_err", "max_rel_bound"):
+    assert "extra_min" in header
+    for key in ("untracked_s", "tracked_s", "extra_measured", "extra_min", "extra_fraction_in_run", "max_rel_err", "max_rel_bound"):
         assert math.isfinite(r[key]), key
     assert r["untracked_s"] > 0 and r["extra_fraction_in_run"] > 0 and r["points"] >= 1
     within, points = map(int, r["within_bound"].split("/"))

@@ -25,7 +25,7 @@ def test_quick_run_prints_the_columns_with_finite_numbers() -> None:
     lines = proc.stdout.splitlines()
     assert "load average" in lines[0] and "1 thread(s)" in lines[0] and "budget 0.05" in lines[0]
     header = [c.strip() for c in lines[1].strip("|").split("|")]
-    assert header[:7] == ["model", "params", "updates", "untracked_s", "tracked_s", "extra_measured", "extra_fraction_in_run"]
+    assert header[:8] == ["model", "params", "updates", "untracked_s", "tracked_s", "extra_measured", "extra_min", "extra_fraction_in_run"]
     assert "within_bound" in header and "max_rel_bound" in header
     assert "extra_min" in header
     for key in ("untracked_s", "tracked_s", "extra_measured", "extra_min", "extra_fraction_in_run", "max_rel_err", "max_rel_bound"):

@@ -46,7 +46,7 @@ def test_capped_points_are_within_their_reported_bounds(tmp_path: Path) -> None:
     for e, c in zip(exact, capped):
         ref = e["lambda_max"]
         assert c["error_bound"] == c["residual"]
-        assert e["error_bound"] == e["ritz_bound"] <= 1e-6 * abs(ref)
+        assert e["converged"] and e["error_bound"] == e["ritz_bound"] <= 1e-5 * abs(ref)
         assert abs(c["lambda_max"] - ref) <= c["error_bound"] + e["error_bound"] + 1e-6 * abs(ref), (c, e)
         assert c["lambda_max"] <= ref + e["error_bound"] + 1e-6 * abs(ref)  # a Ritz value is a lower bound
         loose += not c["converged"]

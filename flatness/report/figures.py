@@ -281,12 +281,9 @@ def curvature_track_figure(entries: list[dict], out: Path) -> Path | None:
 
 
 def _measuring_percent(e: dict) -> float | None:
-    """% of training time spent measuring: the run's last ``curvature_fraction``, else curvature_seconds / train_seconds."""
+    """Extra cost of measuring over untracked training, in %: (tracked - untracked) / untracked (see :func:`tracking_summary`)."""
     from flatness.report.render import tracking_summary
 
-    last = (e.get("training_curve") or [{}])[-1]
-    if isinstance(last, dict) and isinstance(last.get("curvature_fraction"), (int, float)):
-        return 100.0 * float(last["curvature_fraction"])
     summary = tracking_summary(e)
     return summary["percent"] if summary else None
 

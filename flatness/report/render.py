@@ -239,7 +239,7 @@ def _sections(result: Any) -> list[tuple[str, list[str], list[list[str]] | None,
     track = _tracking_rows(result.entries)
     if track:
         out.append(("Curvature during training (curvature.jsonl)", ["run", "points", "first λ_max", "max λ_max", "last λ_max",
-                                                                    "2/lr", "measuring % of training"], track,
+                                                                    "2/lr", "measuring: % extra over untracked training"], track,
                     ["2/lr: the gradient-descent stability threshold (Cohen et al. 2021), shown for SGD only; "
                      "lambda_max is measured on the trainer's fixed analysis batch, so it is comparable within a run."]))
     out.append(("What each measure is sensitive to", [], None, MEASURE_NOTES))
@@ -247,7 +247,13 @@ def _sections(result: Any) -> list[tuple[str, list[str], list[list[str]] | None,
 
 
 def tracking_summary(e: dict[str, Any]) -> dict[str, Any] | None:
-    """Points, first / max / last lambda_max and the measuring cost (% of training time) of one run's curvature.jsonl."""
+    """Points, first / max / last lambda_max and the measuring cost of one run's curvature.jsonl.
+
+    ``percent`` is the extra cost over untracked training, (tracked - untracked) / untracked in %:
+    the run's last ``extra_fraction`` (metrics.jsonl, measured by the trainer on one clock); for runs
+    of older versions, ``f / (1 - f)`` of their ``curvature_fraction`` f = measuring / (training +
+    measuring); else the curvature seconds over the training seconds.
+    """
     rows = [r for r in (e.get("curvature_track") or []) if r.get("lambda_max") is not None]
     if not rows:
         return None
@@ -255,9 +261,15 @@ def tracking_summary(e: dict[str, Any]) -> dict[str, Any] | None:
     cfg = e.get("config") or {}
     train_s = (e.get("cost") or {}).get("train_seconds")
     spent = sum(float(r.get("curvature_seconds", 0.0)) for r in rows)
+    percent = 100.0 * spent / train_s if train_s else None
+    last = (e.get("training_curve") or [{}])[-1]
+    if isinstance(last, dict) and isinstance(last.get("extra_fraction"), (int, float)):
+        percent = 100.0 * float(last["extra_fraction"])
+    elif isinstance(last, dict) and isinstance(last.get("curvature_fraction"), (int, float)) and 0 <= last["curvature_fraction"] < 1:
+        percent = 100.0 * float(last["curvature_fraction"]) / (1.0 - float(last["curvature_fraction"]))
     return {"points": len(rows), "first": lam[0], "max": max(lam), "last": lam[-1],
             "threshold": 2.0 / cfg["lr"] if cfg.get("method") == "sgd" and cfg.get("lr") else None,
-            "percent": 100.0 * spent / train_s if train_s else None}
+            "percent": percent}
 
 
 def _tracking_rows(entries: list[dict[str, Any]]) -> list[list[str]]:

@@ -173,6 +173,9 @@ def test_curvature_during_training_section(tmp_path: Path) -> None:
     assert t == {"points": 3, "first": 4.0, "max": 19.0, "last": 12.0, "threshold": 20.0, "percent": 10.0}
     assert tracking_summary({**e, "config": {"method": "sam", "lr": 0.1}})["threshold"] is None
     assert tracking_summary({**e, "curvature_track": None}) is None
+    # the trainer's own measure wins: extra over untracked training; older runs' fraction f of (training + measuring) -> f / (1 - f)
+    assert tracking_summary({**e, "training_curve": [{"extra_fraction": 0.04}]})["percent"] == pytest.approx(4.0)
+    assert tracking_summary({**e, "training_curve": [{"curvature_fraction": 0.2}]})["percent"] == pytest.approx(25.0)
     assert curvature_track_figure([e], tmp_path).stat().st_size > 5000
 
 

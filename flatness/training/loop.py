@@ -547,21 +547,22 @@ def _train_epoch(s: _Session, state: _State, epoch: int) -> None:
     order = _epoch_order(s.data.n, c.seed, epoch).to(s.dev)
     s.model.train()
     bar = progress(range(state.batch_in_epoch, s.batches_per_epoch), quiet=s.quiet, desc=f"epoch {epoch + 1}/{c.data_epochs}")
-    for b in bar:
-        batch = _batch(s, order, epoch, b, state.par)
-        closure = _Closure(state.par, batch, s.spec, s.data.loss_fn)
-        opt.zero_grad(set_to_none=True)
-        opt.step(closure)
-        updated = getattr(opt, "last_step_updated", True)
-        step_of_batch = state.step + 1  # the update this batch belongs to
-        loss = closure.first_loss
-        state.bad_step = torch.where((state.bad_step < 0) & ~torch.isfinite(loss), torch.full_like(state.bad_step, step_of_batch), state.bad_step)
-        n = batch_size(batch)
-        correct = (closure.first_logits.argmax(1) == batch[1]).sum().double() if s.data.classify else state.acc.new_zeros(())
-        state.acc += torch.stack([loss.double() * n, correct, state.acc.new_tensor(n)])
-        state.batch_in_epoch = b + 1
-        if updated:
-            _after_update(s, state, epoch)
+    with bar:  # Ctrl-C: "stopped after 1/2 steps"; another error: no line (the CLI says why)
+        for b in bar:
+            batch = _batch(s, order, epoch, b, state.par)
+            closure = _Closure(state.par, batch, s.spec, s.data.loss_fn)
+            opt.zero_grad(set_to_none=True)
+            opt.step(closure)
+            updated = getattr(opt, "last_step_updated", True)
+            step_of_batch = state.step + 1  # the update this batch belongs to
+            loss = closure.first_loss
+            state.bad_step = torch.where((state.bad_step < 0) & ~torch.isfinite(loss), torch.full_like(state.bad_step, step_of_batch), state.bad_step)
+            n = batch_size(batch)
+            correct = (closure.first_logits.argmax(1) == batch[1]).sum().double() if s.data.classify else state.acc.new_zeros(())
+            state.acc += torch.stack([loss.double() * n, correct, state.acc.new_tensor(n)])
+            state.batch_in_epoch = b + 1
+            if updated:
+                _after_update(s, state, epoch)
     state.seconds += time.perf_counter() - t_epoch
 
 

@@ -90,7 +90,10 @@ class DemoSpec:
         if self.surface not in ("1d", "2d", "none"):
             raise FlatnessError(f"unknown --surface {self.surface!r}; expected 1d, 2d or none")
         if not 0 <= self.first_seed <= 2**31 - self.seeds:
-            raise FlatnessError(f"--seed must be in [0, {2**31 - self.seeds}], got {self.first_seed}")
+            raise FlatnessError(
+                f"--seed {self.first_seed} with --seeds {self.seeds} runs seeds up to {self.first_seed + self.seeds - 1}, "
+                f"past the largest seed {2**31 - 1}: pass --seed at most {2**31 - self.seeds}"
+            )
 
 
 @dataclass

@@ -11,8 +11,21 @@ from pathlib import Path
 from flatness.errors import FlatnessError
 
 
-class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the examples in epilogs as written and shows defaults."""
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples in epilogs as written and shows each option's default once.
+
+    Like argparse's ``ArgumentDefaultsHelpFormatter``, but no ``(default: ...)``
+    for a default that says nothing (None, False, an empty list, SUPPRESS), for a
+    required option, or when the help text already states its default.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "default" in text.lower() or action.required or not action.option_strings:
+            return text
+        if action.default in (None, False, argparse.SUPPRESS) or action.default == [] or action.default == {}:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 # Negative numbers that are option values, not options: "-2", "-.5", "-1e-3", "-inf" (argparse's own
@@ -31,10 +44,25 @@ def add_common(parser: argparse.ArgumentParser, *, seed: bool = True, force: boo
     """``--device``, ``--seed``, ``--quiet``, ``--force``."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     if seed:
-        parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+        parser.add_argument("--seed", type=seed_int, default=0, metavar="N", help=f"random seed, an integer in [0, {SEED_MAX}]")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     if force:
         parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
+
+
+# One seed range for every command (numpy's and torch's generators both take it).
+SEED_MAX = 2**31 - 1
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed, an integer in [0, SEED_MAX]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {SEED_MAX}], got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {SEED_MAX}], got {value}")
+    return value
 
 
 def positive_int(text: str) -> int:

@@ -23,18 +23,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = CompareSettings()
     p = add_command(sub, "compare", "Compare checkpoints: losses, curvature, sharpness, surfaces -> HTML/Markdown/JSON report.", EXAMPLES)
     p.add_argument("checkpoints", nargs="+", help="checkpoint files (.pt) or run directories")
-    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="report folder")
     p.add_argument("--samples", type=positive_int, default=d.samples, help="first N samples of --split used for every measure")
     p.add_argument("--split", choices=("train", "val", "test"), default=d.split,
                    help="which samples: train = the samples each run trained on (its --val-split hold-out excluded); val = the hold-out; test")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size)
-    p.add_argument("--surface", choices=("1d", "2d", "none"), default=d.surface)
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="samples per forward pass (memory only)")
+    p.add_argument("--surface", choices=("1d", "2d", "none"), default=d.surface, help="loss surface per checkpoint in the report")
     p.add_argument("--surface-points", type=positive_int, default=d.surface_points, help="points per surface axis")
-    p.add_argument("--top-k", type=positive_int, default=d.top_k)
-    p.add_argument("--trace-matvecs", type=positive_int, default=d.trace_matvecs)
+    p.add_argument("--top-k", type=positive_int, default=d.top_k, help="largest Hessian eigenvalues per checkpoint (Lanczos)")
+    p.add_argument("--trace-matvecs", type=positive_int, default=d.trace_matvecs, help="Hessian-vector products for the Hutch++ trace")
     p.add_argument("--density", action="store_true", help="also the SLQ spectral density")
-    p.add_argument("--per-layer", action="store_true",
-                   help="also the top eigenvalue and trace of each parameter tensor's diagonal Hessian block (a bar chart)")
+    p.add_argument("--per-layer", nargs="?", const="tensor", default=None, choices=("tensor", "module"),
+                   help="also the top eigenvalue and trace of each diagonal Hessian block (a bar chart): per parameter tensor "
+                        "(--per-layer alone) or per module, as in hessian --per-layer")
     p.add_argument("--radii", type=float, nargs="+", default=list(d.radii), help="relative radii of the sharpness curve")
     p.add_argument("--draws", type=positive_int, default=d.draws, help="noise draws per radius")
     p.add_argument("--rho", type=float, default=d.rho, help="adversarial sharpness radius")
@@ -49,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     s = CompareSettings(
         samples=args.samples, split=args.split, batch_size=args.batch_size, surface=args.surface, surface_points=args.surface_points,
-        top_k=args.top_k, trace_matvecs=args.trace_matvecs, density=args.density, per_layer=args.per_layer, radii=tuple(args.radii),
+        top_k=args.top_k, trace_matvecs=args.trace_matvecs, density=args.density,
+        per_layer=True if args.per_layer == "tensor" else (args.per_layer or False), radii=tuple(args.radii),
         draws=args.draws, rho=args.rho, seed=args.seed,
     )
     result = compare(args.checkpoints, args.out, s, device=resolve_device(args.device), force=args.force, quiet=args.quiet,

@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", help="flatness checkpoint, or a plain state_dict with --model")
     p.add_argument("--out", required=True, help="output .json file")
-    p.add_argument("--top-k", type=int, default=5, help="number of largest eigenvalues (less than the number of parameters)")
+    p.add_argument("--top-k", type=int, default=5, help="number of largest eigenvalues (at most the number of parameters)")
     p.add_argument("--tol", type=float, default=1e-6, help="relative error tolerance of the eigenvalues (error bound r^2/gap)")
     p.add_argument("--max-iter", type=int, default=500, help="most Hessian-vector products for the eigenvalues, the check that none was missed included (at least --top-k)")
     p.add_argument("--trace", action="store_true", help="also estimate the trace")

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from flatness.cli.common import SOURCES_HELP, add_command, add_common, add_sources, positive_int, sources_from_args
+from flatness.errors import FlatnessError
 
 EXAMPLES = """\
   flatness surface runs/sgd/final.pt --dim 1 --x -1:1:51 --out sgd_1d.h5
@@ -31,6 +32,8 @@ arrays, [j, i] = value at (x_i, y_j) (the order of np.meshgrid(x, y), which
 loss-landscape's plot_2D reads), plus the directions; missing cells are NaN.
 
 """ + SOURCES_HELP
+
+EVAL_MODES = ("auto", "vmap", "loop")
 
 # Appended to a help text that states its own default: ArgumentDefaultsHelpFormatter then adds none.
 _OWN = "%(default).0s"
@@ -74,7 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--out", default=None, metavar="FILE.h5", help="output file (default: CKPT_surface_<dim>d.h5 beside the checkpoint)" + _OWN)
     o.add_argument("--resume", action="store_true", help="continue FILE.h5: compute only its missing cells (same settings required)" + _OWN)
     o.add_argument("--chunk-size", type=positive_int, default=None, help="grid points evaluated and written together (default: auto)" + _OWN)
-    o.add_argument("--method", choices=("auto", "vmap", "loop"), default="auto", help="vmap over weight sets (auto: on CUDA) or a loop over points")
+    o.add_argument("--eval-mode", choices=EVAL_MODES, default=None,
+                   help="vmap over weight sets or a loop over points (default: auto, vmap on CUDA)" + _OWN)
+    o.add_argument("--method", choices=EVAL_MODES, default=None, dest="old_method", help=argparse.SUPPRESS)  # 0.2 spelling, until 0.4
     add_common(o)
     p.set_defaults(func=run)
 
@@ -93,8 +98,18 @@ def _spec(args: argparse.Namespace):  # noqa: ANN202 - SurfaceSpec, imported laz
         x=args.x, y=args.y, dim=args.dim, directions=args.directions or ("interp" if args.to else "filter"), ignore=args.ignore,
         seed=args.seed, to=tuple(args.to), run=args.run, hessian_normalize=args.hessian_normalize,
         allow_degenerate=args.allow_degenerate, split=args.split, samples=args.samples, test=args.test,
-        batch_size=args.batch_size, device=args.device, chunk_size=args.chunk_size, method=args.method,
+        batch_size=args.batch_size, device=args.device, chunk_size=args.chunk_size, method=_eval_mode(args),
     )
+
+
+def _eval_mode(args: argparse.Namespace) -> str:
+    """``--eval-mode``, or the deprecated ``--method`` of flatness 0.2 (which names the optimizer in ``train``)."""
+    if args.old_method is None:
+        return args.eval_mode or "auto"
+    if args.eval_mode is not None and args.eval_mode != args.old_method:
+        raise FlatnessError(f"--method {args.old_method} and --eval-mode {args.eval_mode} disagree; pass --eval-mode only")
+    sys.stderr.write(f"warning: surface --method is deprecated (--method is the optimizer in train); use --eval-mode {args.old_method}\n")
+    return args.old_method
 
 
 def run(args: argparse.Namespace) -> int:

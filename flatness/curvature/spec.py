@@ -97,13 +97,13 @@ class HessianSpec:
         """Checks that need the operator's size ``n``.
 
         Raises:
-            FlatnessError: ``top_k >= n`` (Lanczos finds a few extreme
-                eigenvalues; all of them are a dense problem).
+            FlatnessError: ``top_k > n`` (an n-parameter model has n eigenvalues;
+                Lanczos finds all of them in n products when ``top_k == n``).
         """
-        if self.top_k >= num_params:
+        if self.top_k > num_params:
             raise FlatnessError(
-                f"--top-k {self.top_k} must be less than the {num_params} parameters of the model; for the whole spectrum "
-                f"use the Python API (flatness.curvature.dense_hessian + torch.linalg.eigvalsh) or --density"
+                f"--top-k {self.top_k} is more than the {num_params} parameters of the model (it has {num_params} eigenvalues); "
+                f"pass --top-k {num_params} or less, or --density for the whole spectrum of a large model"
             )
 
 

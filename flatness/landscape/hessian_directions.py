@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flatness.errors import FlatnessError
 from flatness.landscape.directions import Direction, normalize_direction
 
 
@@ -68,6 +69,7 @@ def hessian_directions(
 
     Raises:
         ValueError: unknown ``normalize``.
+        FlatnessError: the model has fewer trainable parameters than ``dim``.
     """
     from flatness.curvature import top_eigenvalues
 
@@ -75,6 +77,12 @@ def hessian_directions(
         raise ValueError(f"Unknown normalize {normalize!r}; expected 'none' or 'filter'")
     params = list(model.parameters())
     used = [p for p in params if p.requires_grad]
+    n = sum(p.numel() for p in used)
+    if n < dim:
+        raise FlatnessError(
+            f"--directions hessian --dim {dim} needs {dim} Hessian eigenvectors, but the model has {n} trainable "
+            f"parameter{'s' if n != 1 else ''}: pass --dim {n}" if n else "--directions hessian: the model has no trainable parameters"
+        )
     dtype = params[0].dtype
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     result = top_eigenvalues(model, loss_fn, batches, k=dim, tol=tol, seed=seed, return_vectors=True)

@@ -104,7 +104,7 @@ class SurfaceSpec:
         _choice("--split", self.split, ("train", "val", "test"))
         if self.split == "test" and self.test:
             set_(self, "test", False)  # the test split is the surface itself
-        _choice("--method", self.method, METHODS)
+        _choice("--eval-mode", self.method, METHODS)
         for flag, value in (("--samples", self.samples), ("--chunk-size", self.chunk_size), ("--batch-size", self.batch_size)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise FlatnessError(f"{flag} must be a positive integer, got {value}")

@@ -195,14 +195,14 @@ def _choose_method(model: nn.Module, batches: Batches, spec: SurfaceSpec, loss_f
     center = model_weights(model)
     how = resolve_method(spec.method, center[0].device, loss_fn)
     if spec.method == "vmap" and isinstance(loss_fn, ModelLoss):
-        raise FlatnessError("--method vmap cannot evaluate a model-level loss (module:callable); use --method loop or auto")
+        raise FlatnessError("--eval-mode vmap cannot evaluate a model-level loss (module:callable); use --eval-mode loop or auto")
     if how != "vmap":
         return how, None
     reason = vmap_failure(model, batches, center, dirs, loss_fn=loss_fn)
     if reason is None:
         return how, None
     if spec.method == "vmap":
-        raise FlatnessError(f"this model cannot be evaluated with torch.func.vmap ({reason}); use --method loop (or auto)")
+        raise FlatnessError(f"this model cannot be evaluated with torch.func.vmap ({reason}); use --eval-mode loop (or auto)")
     return "loop", reason
 
 

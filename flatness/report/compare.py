@@ -72,7 +72,7 @@ class CompareSettings:
     interp_points: int = 25
     seed: int = 0
     surfaces_for: str = "all"  # "first-per-group": surfaces and interpolation only for each group's first checkpoint
-    per_layer: bool = False  # top eigenvalue and trace of each parameter tensor's diagonal Hessian block
+    per_layer: bool | str = False  # each diagonal Hessian block's top eigenvalue and trace: True / "tensor" per parameter tensor, "module" per module
 
     def validate(self) -> None:
         if self.surface not in SURFACE_KINDS:
@@ -86,6 +86,8 @@ class CompareSettings:
             raise FlatnessError(f"--rho must be a finite positive number, got {self.rho}")
         if self.split not in ("train", "val", "test"):
             raise FlatnessError(f"unknown --split {self.split!r}; expected train, val or test")
+        if self.per_layer not in (False, True, "tensor", "module"):
+            raise FlatnessError(f"unknown --per-layer {self.per_layer!r}; expected tensor or module")
         if self.surfaces_for not in SURFACE_SCOPES:
             raise FlatnessError(f"unknown surfaces_for {self.surfaces_for!r}; expected one of {', '.join(SURFACE_SCOPES)}")
 
@@ -200,8 +202,9 @@ def _curvature(a: Analysis, s: CompareSettings) -> dict[str, Any]:
     if s.density:
         d = slq_density(H, 60, 2, num_points=400, seed=s.seed)
         out["density"] = {"grid": d.grid.tolist(), "values": d.density.tolist(), "sigma": d.sigma, "hvp_count": d.hvp_count}
-    if s.per_layer:  # blocks per parameter tensor, on the same operator (its graph cache)
-        blocks = per_layer_curvature(a.model, a.loss_fn, [], tol=s.tol, trace_matvecs=s.trace_matvecs, seed=s.seed, operator=H)
+    if s.per_layer:  # blocks per parameter tensor (or module), on the same operator (its graph cache)
+        by = "tensor" if s.per_layer is True else s.per_layer
+        blocks = per_layer_curvature(a.model, a.loss_fn, [], by=by, tol=s.tol, trace_matvecs=s.trace_matvecs, seed=s.seed, operator=H)
         out["per_layer"] = [{k: v for k, v in b.to_dict().items() if k != "hvp_count"} for b in blocks]
     out["hvp_count"] = int(H.hvp_count)
     return out

@@ -81,7 +81,7 @@ ERRORS = [
     (lambda c, t: [str(c), "--out", str(t / "o.txt")], r"--out must name a \.json file"),
     (lambda c, t: [str(_foreign(t)), "--data", "synthetic", "--out", str(t / "o.json")], r"plain state_dict .* pass --model"),
     (lambda c, t: [str(c), "--samples", "100000", "--out", str(t / "o.json")], r"--samples 100000 is more than the 256 samples"),
-    (lambda c, t: [str(c), "--top-k", "418", "--max-iter", "1000", "--samples", "20", "--out", str(t / "o.json")], r"--top-k 418 must be less than the 418 parameters"),
+    (lambda c, t: [str(c), "--top-k", "419", "--max-iter", "1000", "--samples", "20", "--out", str(t / "o.json")], r"--top-k 419 is more than the 418 parameters"),
     (lambda c, t: [str(c), "--top-k", "100000", "--samples", "20", "--out", str(t / "o.json")], r"--max-iter 500 cannot give 100000 eigenvalues.*raise --max-iter"),
     (lambda c, t: [str(c), "--top-k", "5", "--max-iter", "2", "--out", str(t / "o.json")], r"--max-iter 2 cannot give 5 eigenvalues.*raise --max-iter"),
     (lambda c, t: [str(c), "--top-k", "0", "--out", str(t / "o.json")], r"--top-k: expected a positive integer, got 0"),

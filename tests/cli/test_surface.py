@@ -321,8 +321,8 @@ def test_vmap_fallback_is_said_once_on_stderr(tmp_path: Path, capsys: pytest.Cap
     torch.save(state, tmp_path / "w.pt")
     args = ["surface", tmp_path / "w.pt", "--model", f"{tmp_path}/branchy.py:build", "--data", f"{tmp_path}/branchy.py:data",
             "--x", "-1:1:5", "--chunk-size", "2", "--quiet"]
-    code, _, err = _cli(capsys, *args, "--method", "vmap", "--out", tmp_path / "a.h5")
-    assert code == 2 and "cannot be evaluated with torch.func.vmap (vmap: " in err and "--method loop" in err
+    code, _, err = _cli(capsys, *args, "--eval-mode", "vmap", "--out", tmp_path / "a.h5")
+    assert code == 2 and "cannot be evaluated with torch.func.vmap (vmap: " in err and "--eval-mode loop" in err
     assert not (tmp_path / "a.h5").exists()
     # where auto picks vmap (CUDA), it falls back to the loop and says so once
     monkeypatch.setattr(surface_mod, "resolve_method", lambda method, device, loss_fn=None: "loop" if method == "loop" else "vmap")

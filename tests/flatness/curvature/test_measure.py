@@ -39,11 +39,24 @@ def test_spec_is_validated_once_with_one_line(kwargs: dict, message: str) -> Non
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
-def test_top_k_must_be_below_the_number_of_parameters() -> None:
+def test_top_k_must_be_at_most_the_number_of_parameters() -> None:
     p = problem("cnn1d")
     n = p.dense.shape[0]
-    with pytest.raises(FlatnessError, match=f"--top-k {n} must be less than the {n} parameters"):
-        measure_curvature(p.model, LOSS, p.batches, HessianSpec(top_k=n, max_iter=2 * n))
+    with pytest.raises(FlatnessError, match=f"--top-k {n + 1} is more than the {n} parameters"):
+        measure_curvature(p.model, LOSS, p.batches, HessianSpec(top_k=n + 1, max_iter=2 * n + 2))
+
+
+def test_top_k_equal_to_the_number_of_parameters_is_the_whole_spectrum() -> None:
+    """Issue 23: ``--top-k 1`` was refused on a one-parameter model; top_k == n gives every eigenvalue."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Linear(1, 1, bias=False).double()
+    batches = [(torch.randn(16, 1, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64))]
+    r = measure_curvature(model, nn.functional.mse_loss, batches, HessianSpec(top_k=1, dtype="float64"))
+    exact = 2 * float((batches[0][0] ** 2).mean())  # d2/dw2 of mean (w x - y)^2
+    assert abs(float(r.eigen.eigenvalues[0]) - exact) < 1e-8 * exact
 
 
 def test_one_operator_serves_every_measure(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -165,7 +165,7 @@ def test_spec_validation_is_one_line_per_mistake() -> None:
         ({"x": "-1:1:3", "directions": "interp"}, r"needs one checkpoint"),
         ({"x": "-1:1:3", "to": ("a.pt",)}, r"--to is only used with --directions interp"),
         ({"x": "-1:1:3", "ignore": "bn"}, r"unknown --ignore 'bn'"),
-        ({"x": "-1:1:3", "method": "fast"}, r"unknown --method 'fast'"),
+        ({"x": "-1:1:3", "method": "fast"}, r"unknown --eval-mode 'fast'"),
         ({"x": "-1:1:3", "samples": 0}, r"--samples must be a positive integer, got 0"),
         ({"x": "-1:1:3", "chunk_size": -2}, r"--chunk-size must be a positive integer, got -2"),
         ({"x": "-1:1:3", "split": "validation"}, r"unknown --split 'validation'"),

@@ -154,7 +154,10 @@ def prepare_analysis(
         raise FlatnessError(f"--samples {n} is more than the {len(indices)} samples of the {split} split ({_split_words(split)})")
     chosen = Split.of(ds.split("test" if split == "test" else "train").take(indices[:n]))
     batches = analysis_batches(chosen, batch_size=batch_size, device=device)
-    check_fit(ckpt.model, loss_fn, batches[0], what=f"model {ckpt.model_name!r} of {file}", data=name, num_classes=ds.num_classes)
+    what = f"model {ckpt.model_name!r} of {file}"
+    check_has_parameters(ckpt.model, what=what)
+    check_fit(ckpt.model, loss_fn, batches[0], what=what, data=name, num_classes=ds.num_classes)
+    check_trainable(ckpt.model, loss_fn, batches[0], what=what)
     sample_block = {"split": split, "count": n, "of": len(indices), "selection": "first N in dataset order",
                     "indices_sha256": indices_digest(indices[:n]), "description": _split_words(split)}
     block = {"checkpoint": {"path": str(file), "sha256": ckpt.digest}, "run": recorded, "samples": sample_block,
@@ -234,7 +237,7 @@ def check_fit(model: nn.Module, loss_fn: LossFn, batch: Batch, *, what: str, dat
     if isinstance(loss_fn, ModelLoss):
         try:
             with torch.no_grad():
-                value = loss_fn(model, small)
+                value = loss_fn.fn(model, small)  # the user's function itself: its own exception, named below
         except MISFIT_ERRORS as e:
             raise FlatnessError(f"loss {loss_fn.name!r} fails on {what} with {data} data: {_first_line(e)}") from None
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
@@ -252,6 +255,36 @@ def check_fit(model: nn.Module, loss_fn: LossFn, batch: Batch, *, what: str, dat
         raise FlatnessError(f"{what} does not fit {data} data and loss {loss_name(loss_fn)!r}: {_first_line(e)}") from None
     if num_classes is not None and loss_fn is nn.functional.cross_entropy and out.shape[-1] < num_classes:
         raise FlatnessError(f"{what} has {out.shape[-1]} outputs, but {data} has {num_classes} classes")
+
+
+def check_has_parameters(model: nn.Module, *, what: str) -> None:
+    """Some parameter of ``model`` requires grad (checked before any forward pass, so it is named first)."""
+    params = list(model.parameters())
+    if not params:
+        raise FlatnessError(f"{what} has no parameters: nothing to train or measure (build the model with some nn.Parameter)")
+    if not any(p.requires_grad for p in params):
+        raise FlatnessError(f"{what} has all its parameters frozen (requires_grad=False): unfreeze the ones to train or measure")
+
+
+def check_trainable(model: nn.Module, loss_fn: LossFn, batch: Batch, *, what: str) -> None:
+    """The loss on two samples of ``batch`` must depend on some parameter of ``model`` (one pass with grad).
+
+    Training needs a gradient and a curvature measure needs a Hessian; a model
+    without parameters, with all of them frozen, or a loss that ignores the
+    model (a constant tensor) gives neither.
+
+    Raises:
+        FlatnessError: naming which of the three it is and what to change.
+    """
+    check_has_parameters(model, what=what)
+    small = _head(batch, 2)
+    with torch.enable_grad():
+        value = loss_fn(model, small) if isinstance(loss_fn, ModelLoss) else loss_fn(model(small[0]), small[1])
+    if not (isinstance(value, torch.Tensor) and value.requires_grad):
+        raise FlatnessError(
+            f"loss {loss_name(loss_fn)!r} does not depend on the parameters of {what} (it returned a constant tensor, "
+            "without a grad_fn): compute it from model(...) without .item(), .detach() or torch.no_grad()"
+        )
 
 
 def _head(batch: Batch, n: int) -> Batch:

@@ -19,6 +19,28 @@ from typing import Any
 from flatness.errors import FlatnessError
 
 
+class UserCodeError(FlatnessError):
+    """An exception raised inside the user's own model, data or loss callable.
+
+    The CLI prints it as one ``error:`` line naming the callable and the
+    exception; its cause (the original exception) keeps the user's traceback
+    for ``FLATNESS_DEBUG=1``.
+    """
+
+
+def user_code_error(what: str, spec: str, e: Exception) -> UserCodeError:
+    """``{what} '{spec}' raised {Type}: {first line}``, for an exception raised inside user code."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return UserCodeError(f"{what} {spec!r} raised {type(e).__name__}{': ' + text if text else ''} (FLATNESS_DEBUG=1 shows the traceback)")
+
+
+def is_user_fault(e: BaseException) -> bool:
+    """An exception from user code that is the user's to fix (not ours, not a lack of memory, not Ctrl-C)."""
+    if isinstance(e, (FlatnessError, MemoryError)) or not isinstance(e, Exception):
+        return False
+    return not type(e).__name__.endswith("OutOfMemoryError")  # torch's CUDA OOM: the CLI's out-of-memory line
+
+
 def is_callable_spec(spec: str) -> bool:
     """Whether ``spec`` names user code (``module:attr`` or ``file.py:attr``) rather than a registry entry."""
     return ":" in spec
@@ -106,10 +128,12 @@ def call_with_kwargs(fn: Callable[..., Any], spec: str, kwargs: dict[str, Any], 
 
     The check is done on the signature, so a ``TypeError`` raised inside the
     user's own code is not mistaken for a bad ``--model-kwargs`` /
-    ``--data-kwargs`` (it keeps its traceback).
+    ``--data-kwargs``: it becomes a :class:`UserCodeError` naming the callable
+    (the original exception is its ``__cause__``).
 
     Raises:
         FlatnessError: ``fn`` does not take ``kwargs`` (names ``what`` and ``spec``).
+        UserCodeError: ``fn`` raised.
     """
     try:
         inspect.signature(fn).bind(**kwargs)
@@ -117,4 +141,9 @@ def call_with_kwargs(fn: Callable[..., Any], spec: str, kwargs: dict[str, Any], 
         raise FlatnessError(f"{what} {spec!r} does not take these arguments {kwargs}: {e}") from None
     except ValueError:
         pass  # no signature to read (some builtins): the call itself decides
-    return fn(**kwargs)
+    try:
+        return fn(**kwargs)
+    except Exception as e:
+        if not is_user_fault(e):
+            raise
+        raise user_code_error(what, spec, e) from e

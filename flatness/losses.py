@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from flatness.errors import FlatnessError
-from flatness.hooks import is_callable_spec, load_callable
+from flatness.hooks import is_callable_spec, is_user_fault, load_callable, user_code_error
 
 OutputLoss = Callable[[Tensor, Tensor], Tensor]
 
@@ -44,7 +44,12 @@ class ModelLoss:
     name: str
 
     def __call__(self, model: nn.Module, batch: Any) -> Tensor:
-        return self.fn(model, batch)
+        try:
+            return self.fn(model, batch)
+        except Exception as e:
+            if not is_user_fault(e):
+                raise
+            raise user_code_error("loss", self.name, e) from e
 
 
 LossFn = OutputLoss | ModelLoss

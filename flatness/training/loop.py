@@ -45,6 +45,7 @@ from flatness.data.splits import split_validation
 from flatness.device import resolve_device
 from flatness.distributed import DistInfo
 from flatness.errors import FlatnessError
+from flatness.hooks import is_callable_spec
 from flatness.losses import LossFn, ModelLoss, batch_size, resolve_loss
 from flatness.models import build_model
 from flatness.models.registry import default_model_kwargs
@@ -154,22 +155,29 @@ RESUME_KEYS = ("state_dict", "optimizer", "scheduler", "rng", "epoch", "step", "
 
 
 def _checked_model(config: TrainConfig, ds: Dataset, dev: torch.device, loss_fn: LossFn = F.cross_entropy) -> nn.Module:
-    """Build the model and run one forward pass on two training samples (eval mode, no grad).
+    """Build the model and run one forward pass on two training samples (eval mode, no grad), then one with grad.
 
     Raises:
-        FlatnessError: the model cannot be built with ``model_kwargs``, does not take
-            the data's inputs, or has another number of outputs than the data has classes.
+        FlatnessError: the model cannot be built with ``model_kwargs``, has no
+            trainable parameters, does not take the data's inputs, has another
+            number of outputs than the data has classes (fewer, for the user's
+            own data: labels 0..2 may train a 5-output model), or the loss
+            does not depend on its parameters.
     """
+    from flatness.analysis import check_fit, check_has_parameters, check_trainable
+
     try:
         model = build_model(config.model, **config.model_kwargs).to(dev)
     except (RuntimeError, ValueError) as e:
         raise FlatnessError(f"model {config.model!r} cannot be built with {config.model_kwargs}: {str(e).splitlines()[0]}") from None
+    what = f"model {config.model!r}"
+    check_has_parameters(model, what=what)
     model.eval()
-    if isinstance(loss_fn, ModelLoss) or not ds.train.classic or ds.num_classes is None:
-        from flatness.analysis import check_fit  # the user's own data or loss: the generic check
-
-        batch = map_batch(lambda t: t[:2].to(dev), ds.train.fields)
-        check_fit(model, loss_fn, batch, what=f"model {config.model!r}", data=config.data, num_classes=ds.num_classes)
+    batch = map_batch(lambda t: t[:2].to(dev), ds.train.fields)
+    if isinstance(loss_fn, ModelLoss) or not ds.train.classic or ds.num_classes is None or is_callable_spec(config.data):
+        # the user's own data or loss: the generic check (classes counted from the labels are a lower bound)
+        check_fit(model, loss_fn, batch, what=what, data=config.data, num_classes=ds.num_classes)
+        check_trainable(model, loss_fn, batch, what=what)
         model.train()
         return model
     try:
@@ -179,11 +187,12 @@ def _checked_model(config: TrainConfig, ds: Dataset, dev: torch.device, loss_fn:
         raise FlatnessError(
             f"model {config.model!r} does not take {config.data} inputs of shape {ds.input_shape}: {str(e).splitlines()[0]}"
         ) from None
-    model.train()
     if out.ndim != 2 or out.shape[1] != ds.num_classes:
         raise FlatnessError(
             f"model {config.model!r} gives {out.shape[-1]} outputs, but {config.data} has {ds.num_classes} classes (check --model-kwargs)"
         )
+    check_trainable(model, loss_fn, batch, what=what)  # eval mode: no BatchNorm statistics or dropout draws change
+    model.train()
     return model
 
 
@@ -517,7 +526,7 @@ def _write_rows(s: _Session, state: _State) -> None:
 
 def _check_finite(s: _Session, state: _State, epoch: int, *, weights: bool = False) -> None:
     """Losses so far (and, before a mid-epoch checkpoint, the weights it would hold) are finite."""
-    last_good = s.run.last if s.run.last.exists() else "none"
+    last_good = _last_good(s)
     if bool(state.bad_step >= 0):
         raise TrainingDiverged(
             f"training diverged: the loss became NaN or infinite at epoch {epoch + 1}, step {int(state.bad_step)}; "
@@ -528,6 +537,13 @@ def _check_finite(s: _Session, state: _State, epoch: int, *, weights: bool = Fal
             f"training diverged: the weights became NaN or infinite at epoch {epoch + 1}, step {state.step}; "
             f"the last good checkpoint is {last_good}"
         )
+
+
+def _last_good(s: _Session) -> str:
+    """Where a diverged run can be picked up, or why there is nothing (the unfinished run is removed)."""
+    if s.run.last.exists():
+        return str(s.run.last)
+    return f"none, so {s.run.root} is removed; lower --lr (or the method's radius / noise) and train again"
 
 
 def _batch(s: _Session, order: Tensor, epoch: int, b: int, par: TrainParallel) -> Batch:
@@ -593,7 +609,7 @@ def _end_epoch(s: _Session, state: _State, epoch: int) -> None:
     if not math.isfinite(test_loss):
         raise TrainingDiverged(
             f"training diverged: the test loss is {test_loss} after epoch {epoch + 1}, step {state.step}; "
-            f"the last good checkpoint is {s.run.last if s.run.last.exists() else 'none'}"
+            f"the last good checkpoint is {_last_good(s)}"
         )
     row = {
         "epoch": epoch + 1,

@@ -107,7 +107,10 @@ def open_run_dir(out: str | Path, *, resume: bool, force: bool) -> Iterator[tupl
     Everything is checked before the first change: the target, the lock
     (``fcntl.flock`` on ``.lock`` in the run directory: a second ``train``
     on the same run is refused), and that the folders can be written; only
-    then does ``force`` remove the old run.
+    then does ``force`` remove the old run. The lock file is removed when the
+    block ends. A new run that fails before its first checkpoint (divergence
+    at step 1, an error in the user's loss, Ctrl-C) is removed with it: a run
+    directory always holds a checkpoint, or does not exist.
 
     Yields:
         The run dir and whether an existing run is being resumed (it has a
@@ -119,13 +122,36 @@ def open_run_dir(out: str | Path, *, resume: bool, force: bool) -> Iterator[tupl
     """
     run = RunDir(Path(out))
     _check_target(run, resume=resume, force=force)
-    if not run.root.exists():
+    created = [p for p in reversed([run.root, *run.root.parents]) if not p.exists()]
+    if created:
         try:
             run.root.mkdir(parents=True)
         except OSError as e:
             raise FlatnessError(f"cannot create run directory {run.root}: {e.strerror}") from None
-    with _locked(run):
-        yield prepare_run_dir(run.root, resume=resume, force=force)
+    try:
+        with _locked(run):
+            prepared = prepare_run_dir(run.root, resume=resume, force=force)
+            try:
+                yield prepared
+            except BaseException:
+                if not prepared[1]:
+                    _remove_unfinished(run)
+                raise
+    finally:
+        for folder in reversed(created):  # empty: nothing was written, or an unfinished run was removed
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _remove_unfinished(run: RunDir) -> None:
+    """Delete what a new run wrote before its first checkpoint (config, metrics, empty checkpoints/)."""
+    if run.last.exists() or run.final.exists() or run.epoch_checkpoints():
+        return  # there is something to resume from: keep it
+    for path in (run.config, run.metrics, run.curvature):
+        path.unlink(missing_ok=True)
+    remove_temp_files(run)
+    with contextlib.suppress(OSError):
+        run.checkpoints.rmdir()
 
 
 def _check_target(run: RunDir, *, resume: bool, force: bool) -> None:
@@ -155,7 +181,7 @@ def _check_existing(run: RunDir, *, resume: bool, force: bool) -> bool:
 
 @contextlib.contextmanager
 def _locked(run: RunDir) -> Iterator[None]:
-    """Exclusive ``flock`` on the run's lock file (released when the process ends, even by SIGKILL)."""
+    """Exclusive ``flock`` on the run's lock file (released when the process ends, even by SIGKILL; the file goes with the block)."""
     with folder_lock(
         run.root,
         busy=f"run directory {run.root} is in use by another flatness train (lock {run.lock}); wait for it to finish",

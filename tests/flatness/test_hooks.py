@@ -75,6 +75,8 @@ def test_call_with_kwargs_checks_the_signature_not_the_body() -> None:
     def broken() -> None:
         raise TypeError("a bug in the user's code")
 
-    with pytest.raises(TypeError, match="a bug in the user's code"):
+    # issue 23: an exception inside the user's callable is one line naming it; the original is its cause
+    with pytest.raises(FlatnessError, match=r"data callable 'm.py:broken' raised TypeError: a bug in the user's code") as info:
         call_with_kwargs(broken, "m.py:broken", {}, "data callable")
+    assert isinstance(info.value.__cause__, TypeError)
     assert call_with_kwargs(build, "m.py:build", {"width": 0}, "model") == 1

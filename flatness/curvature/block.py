@@ -49,6 +49,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+
+class NonFiniteOperatorError(ValueError):
+    """The operator's products overflowed to NaN or inf (e.g. a Hessian at huge weights in float32)."""
+
+
 WHICH = ("largest", "smallest", "magnitude")
 
 
@@ -250,7 +255,7 @@ def block_search(
             count += r
         Tj = state.T[: state.top, : state.top].to("cpu", torch.float64)
         if not bool(torch.isfinite(Tj).all()):
-            raise ValueError(f"The operator returned non-finite values (NaN or inf) within the first {count} products")
+            raise NonFiniteOperatorError(f"The operator returned non-finite values (NaN or inf) within the first {count} products")
         breakdowns += count_breakdowns(state, Tj, 1024 * eps)  # a coupling at rounding level: an invariant subspace
         rz = ritz(Tj, state.done, state.top, which)
         exhausted = state.done >= dim

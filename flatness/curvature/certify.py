@@ -64,7 +64,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flatness.curvature.block import BlockState, block_step
+from flatness.curvature.block import BlockState, NonFiniteOperatorError, block_step
 
 
 class DeflatedOperator:
@@ -116,7 +116,7 @@ def random_check(
         block_step(D, state, 1, gen, D.project)
         Tq = state.T[: q + 1, : q + 1].to("cpu", torch.float64)
         if not bool(torch.isfinite(Tq).all()):
-            raise ValueError("The operator returned non-finite values (NaN or inf) in the verification run")
+            raise NonFiniteOperatorError("The operator returned non-finite values (NaN or inf) in the verification run")
         theta, S = torch.linalg.eigh(0.5 * (Tq[:q, :q] + Tq[:q, :q].T))
         out = (theta >= hi) | (theta <= lo)
         if bool(out.any()):

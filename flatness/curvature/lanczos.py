@@ -58,11 +58,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flatness.curvature.block import WHICH, Search, block_search, error_bounds, order_by, tolerance
+from flatness.curvature.block import WHICH, NonFiniteOperatorError, Search, block_search, error_bounds, order_by, tolerance
 from flatness.curvature.certify import DeflatedOperator, random_check
 from flatness.curvature.operator import as_operator
 
-__all__ = ["EigenResult", "error_bounds", "lanczos_smallest_eig", "lanczos_steps", "lanczos_top_eigs"]
+__all__ = ["EigenResult", "NonFiniteOperatorError", "error_bounds", "lanczos_smallest_eig", "lanczos_steps", "lanczos_top_eigs"]
 
 
 @dataclass

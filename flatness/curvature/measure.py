@@ -8,9 +8,10 @@ per-layer blocks. ``flatness hessian`` and ``flatness compare`` both call it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from flatness.curvature.density import DensityResult, slq_density
-from flatness.curvature.lanczos import EigenResult, lanczos_top_eigs
+from flatness.curvature.lanczos import EigenResult, NonFiniteOperatorError, lanczos_top_eigs
 from flatness.curvature.layers import LayerCurvature, per_layer_curvature
 from flatness.curvature.operator import HessianOperator
 from flatness.curvature.spec import HessianSpec
@@ -128,9 +129,12 @@ def measure(H: HessianOperator, spec: HessianSpec) -> CurvatureResult:
     """The measures of ``spec`` on an existing operator (shares its graph cache)."""
     spec.check_size(H.shape[0])
     start = time.perf_counter()
-    loss, grad = H.loss_and_gradient()
-    if not bool(torch.isfinite(loss)):
-        raise FlatnessError(f"the loss is {float(loss)} at this point; its Hessian is not defined")
+    loss, grad = check_finite_point(H)
+    with finite_products(H):
+        return _measure(H, spec, loss, grad, start)
+
+
+def _measure(H: HessianOperator, spec: HessianSpec, loss: torch.Tensor, grad: torch.Tensor, start: float) -> CurvatureResult:
     counts = {"eigenvalues": 0, "trace": 0, "density": 0, "per_layer": 0}
     before = H.hvp_count
     eig = lanczos_top_eigs(H, spec.top_k, spec.tol, spec.max_iter, seed=spec.seed)
@@ -142,6 +146,8 @@ def measure(H: HessianOperator, spec: HessianSpec) -> CurvatureResult:
         before = H.hvp_count
         estimate = hutchpp_trace if spec.trace_method == "hutch++" else hutchinson_trace
         trace = estimate(H, spec.trace_matvecs, seed=spec.seed)
+        if not math.isfinite(trace.trace):
+            raise NonFiniteOperatorError(f"the trace estimate is {trace.trace}")
         counts["trace"] = H.hvp_count - before
     if spec.density:
         before = H.hvp_count
@@ -152,9 +158,43 @@ def measure(H: HessianOperator, spec: HessianSpec) -> CurvatureResult:
         layers = per_layer_curvature(H.model, H.loss_fn, [], by=spec.per_layer, tol=spec.tol, trace_matvecs=spec.trace_matvecs, seed=spec.seed, operator=H)
         counts["per_layer"] = H.hvp_count - before
     return CurvatureResult(
-        spec=spec, num_params=H.shape[0], bn_mode=H.bn_mode, loss=float(loss), gradient_norm=float(torch.linalg.vector_norm(grad)),
+        spec=spec, num_params=H.shape[0], bn_mode=H.bn_mode, loss=float(loss), gradient_norm=float(torch.linalg.vector_norm(grad.double())),
         eigen=eig, trace=trace, density=density, per_layer=layers, hvp_counts=counts, seconds=time.perf_counter() - start,
     )  # fmt: skip
+
+
+def check_finite_point(H: HessianOperator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and gradient at the operator's point, both finite.
+
+    Raises:
+        FlatnessError: the loss is NaN/inf (no Hessian there), or the gradient
+            overflows although the loss is finite (weights too large for the dtype).
+    """
+    loss, grad = H.loss_and_gradient()
+    if not bool(torch.isfinite(loss)):
+        raise FlatnessError(f"the loss is {float(loss)} at this point; its Hessian is not defined")
+    if not bool(torch.isfinite(grad).all()):
+        raise FlatnessError(
+            f"the gradient overflows (NaN or inf) at this point although the loss is {float(loss):.4g}: the weights are too "
+            f"large for {str(H.dtype).replace('torch.', '')}; check the checkpoint, or measure in float64 (hessian --dtype float64)"
+        )
+    return loss, grad
+
+
+@contextlib.contextmanager
+def finite_products(H: HessianOperator) -> Iterator[None]:
+    """Turn Hessian-vector products that overflow into one :class:`FlatnessError` line.
+
+    Raises:
+        FlatnessError: an estimator met NaN/inf products.
+    """
+    try:
+        yield
+    except NonFiniteOperatorError:
+        raise FlatnessError(
+            f"the Hessian-vector products overflow (NaN or inf) at this point: the weights are too large for "
+            f"{str(H.dtype).replace('torch.', '')}; check the checkpoint, or measure in float64 (hessian --dtype float64)"
+        ) from None
 
 
 def _finite_or_none(value: float) -> float | None:

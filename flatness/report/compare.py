@@ -25,6 +25,7 @@ versions), and ``out`` is locked while the report is made.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -186,11 +187,26 @@ def run_cost(config: dict[str, Any], metrics: list[dict[str, Any]] | None) -> di
 
 def _curvature(a: Analysis, s: CompareSettings) -> dict[str, Any]:
     """Top-k eigenvalues, Hutch++ trace and (optionally) the SLQ density and per-layer blocks from ONE Hessian operator."""
-    from flatness.curvature import HessianOperator, hutchpp_trace, lanczos_top_eigs, per_layer_curvature, slq_density
+    from flatness.curvature import HessianOperator
+    from flatness.curvature.measure import check_finite_point, finite_products
 
     H = HessianOperator(a.model, a.loss_fn, a.batches)
+    try:
+        check_finite_point(H)
+        with finite_products(H):
+            return _curvature_of(H, a, s)
+    except FlatnessError as e:
+        raise FlatnessError(f"{a.checkpoint.path}: {e}") from None
+
+
+def _curvature_of(H: Any, a: Analysis, s: CompareSettings) -> dict[str, Any]:  # noqa: ANN401 - HessianOperator, imported lazily
+    from flatness.curvature import hutchpp_trace, lanczos_top_eigs, per_layer_curvature, slq_density
+    from flatness.curvature.lanczos import NonFiniteOperatorError
+
     eig = lanczos_top_eigs(H, s.top_k, s.tol, seed=s.seed)
     tr = hutchpp_trace(H, s.trace_matvecs, seed=s.seed)
+    if not (math.isfinite(float(tr.trace)) and all(math.isfinite(float(v)) for v in eig.eigenvalues)):
+        raise NonFiniteOperatorError(f"the estimates are not finite (trace {tr.trace})")
     out: dict[str, Any] = {
         "top_eigenvalues": [float(v) for v in eig.eigenvalues],
         "eigen_residuals": [float(v) for v in eig.residuals],
@@ -392,19 +408,25 @@ def compare(
     digests = [file_digest(p) for p in paths]
     _check_distinct(paths, digests)
     names, groups = form_groups(paths, [a.checkpoint for a in analyses], labels)
+    created = [p for p in reversed([out, *out.parents]) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise FlatnessError(f"cannot create report folder {out}: {e.strerror}") from None
-    with folder_lock(out, busy=f"report folder {out} is in use by another flatness compare (lock {out / LOCK_NAME}); wait for it to finish",
-                     unwritable=f"cannot write the report into {out}: {{reason}}; choose another --out") as lock:
-        _check_out(out, force)  # again, under the lock: a report finished meanwhile is not overwritten
-        cache = ArtifactCache(out / "cache", version=CACHE_VERSION)
-        entries = _measure_all(paths, digests, analyses, names, cache, s, device, quiet)
-        figures = make_figures(entries, s, out)
-        result = CompareResult(out, entries, cache.computed, cache.reused, time.perf_counter() - t0, list(notes or []), groups)
-        write_reports(result, s, figures, dataset=analyses[0].dataset, version=__version__)
-        lock.unlink(missing_ok=True)
+    try:
+        with folder_lock(out, busy=f"report folder {out} is in use by another flatness compare (lock {out / LOCK_NAME}); wait for it to finish",
+                         unwritable=f"cannot write the report into {out}: {{reason}}; choose another --out"):
+            _check_out(out, force)  # again, under the lock: a report finished meanwhile is not overwritten
+            cache = ArtifactCache(out / "cache", version=CACHE_VERSION)
+            entries = _measure_all(paths, digests, analyses, names, cache, s, device, quiet)
+            figures = make_figures(entries, s, out)
+            result = CompareResult(out, entries, cache.computed, cache.reused, time.perf_counter() - t0, list(notes or []), groups)
+            write_reports(result, s, figures, dataset=analyses[0].dataset, version=__version__)
+    except BaseException:
+        for folder in [out / "cache", *reversed(created)]:  # a failure leaves no new empty folders (cached results stay)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return result
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -333,10 +334,30 @@ def _prepare(config: TrainConfig, spec: MethodSpec, dev: torch.device, info: Dis
     torch.manual_seed(config.seed)
     model = _checked_model(config, ds, dev, loss_fn)
     train_idx, val_idx = split_validation(len(ds.train), config.val_split, config.seed)
+    _check_tracking(config, len(ds.train), math.ceil(int(train_idx.shape[0]) / config.batch_size))
     train = ds.train.to(dev)
     val = Split.of(train.take(val_idx.to(dev))) if config.val_split else None
     data = _Data(train, train_idx.to(dev), val, ds.test.to(dev), ds.augment, loss_fn)
     return _Session(config, spec, dev, info, model, data, data_fingerprint=data_record(ds))
+
+
+def _check_tracking(config: TrainConfig, n_train: int, batches_per_epoch: int) -> None:
+    """``--track-curvature N`` must fall within the run, ``--track-samples`` within the training split.
+
+    Raises:
+        FlatnessError: N larger than the run's updates (nothing would be
+            tracked), or more tracking samples than the split holds.
+    """
+    if not config.track_curvature:
+        return
+    updates = config.protocol(batches_per_epoch)["updates"]
+    if config.track_curvature > updates:
+        raise FlatnessError(
+            f"--track-curvature {config.track_curvature} is more than the run's {updates} update{'s' if updates != 1 else ''}, so nothing would be "
+            f"tracked; pass --track-curvature {updates} or less (or train longer)"
+        )
+    if config.track_samples > n_train:
+        raise FlatnessError(f"--track-samples {config.track_samples} is more than the {n_train} training samples; pass {n_train} or less")
 
 
 @contextlib.contextmanager
@@ -472,6 +493,12 @@ def _newest_verified(s: _Session) -> tuple[Path, Any]:
 def _restore(s: _Session, state: _State, ckpt: dict[str, Any]) -> None:
     try:
         s.model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise FlatnessError(
+            f"--resume: {s.run.last} holds another architecture than model {s.config.model!r} builds now "
+            f"({state_dict_mismatch(e)}): its code changed since the run started; restore it, or start over with --force"
+        ) from None
+    try:
         state.optimizer.load_state_dict(ckpt["optimizer"])
         state.scheduler.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"], s.dev)
@@ -484,6 +511,21 @@ def _restore(s: _Session, state: _State, ckpt: dict[str, Any]) -> None:
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FlatnessError(f"--resume: {s.run.last} does not fit this run's {s.config.model} / {s.config.method}: {detail}") from None
+
+
+def state_dict_mismatch(e: RuntimeError) -> str:
+    """The first one or two problems of torch's multi-line ``load_state_dict`` error, shortened to one line.
+
+    ``size mismatch for 0.weight: copying a param with shape torch.Size([4, 5]) from checkpoint, the shape in
+    current model is torch.Size([6, 5]).`` becomes ``size mismatch for 0.weight: checkpoint [4, 5], model [6, 5]``.
+    """
+    lines = [ln.strip().rstrip(".") for ln in str(e).splitlines()[1:] if ln.strip()] or [str(e).strip()]
+    short = [
+        re.sub(r"copying a param with shape torch\.Size\((\[.*?\])\) from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)",
+               r"checkpoint \1, model \2", ln)
+        for ln in lines[:2]
+    ]
+    return "; ".join(short) + (f"; {len(lines) - 2} more" if len(lines) > 2 else "")
 
 
 def _payload(s: _Session, state: _State) -> dict[str, Any]:

@@ -32,6 +32,8 @@ class Axis:
             raise FlatnessError(f"grid bounds must be finite numbers, got MIN={self.lo} and MAX={self.hi}")
         if self.num <= 0:
             raise FlatnessError(f"grid size N must be a positive integer, got {self.num}")
+        if self.num == 1:  # linspace(MIN, MAX, 1) is MIN alone: a one-point "axis" is never what was meant
+            raise FlatnessError(f"grid size N=1 computes MIN={self.lo:g} only; ask for N >= 2 points from MIN to MAX")
         if self.lo >= self.hi:
             raise FlatnessError(f"grid MIN must be smaller than MAX, got MIN={self.lo:g} and MAX={self.hi:g}")
 
@@ -60,8 +62,8 @@ def parse_axis(text: str | Axis | tuple[float, float, int], flag: str = "--x") -
         flag: the option name used in error messages.
 
     Raises:
-        FlatnessError: not three fields, non-numeric bounds, ``N`` not a
-            positive integer, or ``MIN >= MAX``.
+        FlatnessError: not three fields, non-numeric bounds, ``N`` not an
+            integer >= 2, or ``MIN >= MAX``.
 
     Example:
         >>> parse_axis("-1:1:5").coordinates

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -538,6 +539,8 @@ def _surface_from_checkpoint(
     loaded = _load_centre(ckpt_path, run_dir, dev, spec, sources)
     net = loaded.analysis.model
     resuming = output.resume and output.path.exists()
+    if not resuming:
+        _check_centre(ckpt_path, loaded)
     dirs: list[Direction] | None = None
     extra: dict[str, np.ndarray] = dict(output.extra)
     if not resuming and spec.directions == "interp":
@@ -567,6 +570,21 @@ def _covering_spec(spec: SurfaceSpec, coords: np.ndarray | None, resumed: Path |
         raise FlatnessError("--directions pca without --x needs the run's trajectory (--run RUN_DIR) to choose the grid")
     axes = covering_axes(coords, AUTO_POINTS[int(spec.dim)])  # type: ignore[index]
     return dataclasses.replace(spec, x=axes[0], y=axes[1] if spec.dim == 2 else None)
+
+
+def _check_centre(ckpt_path: Path, loaded: _Loaded) -> None:
+    """The loss at the centre is finite (one pass over the surface's samples), as ``flatness hessian`` requires.
+
+    Raises:
+        FlatnessError: it is NaN or inf: every value around it would say nothing.
+    """
+    from flatness.evaluation import evaluate
+
+    loss, _ = evaluate(loaded.analysis.model, loaded.analysis.loss_fn, loaded.analysis.batches)
+    if not math.isfinite(loss):
+        raise FlatnessError(
+            f"{ckpt_path}: the loss at the centre is {loss}, so a surface around it is not defined; check the checkpoint and --loss"
+        )
 
 
 def _trajectory(

@@ -81,6 +81,8 @@ class CompareSettings:
         for name in ("samples", "batch_size", "top_k", "trace_matvecs", "draws", "surface_points", "interp_points"):
             if getattr(self, name) <= 0:
                 raise FlatnessError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.surface != "none" and self.surface_points < 2:
+            raise FlatnessError(f"--surface-points {self.surface_points} computes one corner of the grid only; ask for 2 or more")
         if not self.radii or any(not (math.isfinite(r) and r >= 0) for r in self.radii):
             raise FlatnessError(f"--radii must be finite numbers >= 0, got {list(self.radii)}")
         if not (math.isfinite(self.rho) and self.rho > 0):

@@ -52,23 +52,36 @@ SKIP = {
         "elides its list of runs ('...'); the flow's compare line runs",
 }
 
+# Lines that need the PCA default grid (no --x/--y: the grid covers the trajectory), which lands from the
+# landscape branch of issue 23; they are skipped only while `flatness surface` still requires --x.
+NEEDS_PCA_DEFAULT_GRID = {
+    "flatness surface runs/sgd --directions pca --dim 2 --out pca.h5",
+    "flatness plot pca.h5 --kind contour --trajectory --out pca.png",
+}
+
+
+def _surface_requires_x() -> bool:
+    import argparse
+
+    from flatness.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return any(a.required for a in sub.choices["surface"]._actions if a.dest == "x")
+
+
 SMALL = os.environ.get("FLATNESS_README_SMALL", "1") != "0"
 ANALYSIS = ("surface", "hessian", "compare")
 
 
 def commands(text: str) -> list[str]:
-    """The lines of the ```bash blocks of ``text`` that run flatness (continuations joined, comments kept)."""
+    """The lines of the ```bash blocks of ``text`` that run flatness (continuations joined, comments and extra spaces dropped)."""
     lines: list[str] = []
     for block in re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M):
-        block = block.replace("\\\n", " ")
-        lines += [ln.strip() for ln in block.splitlines() if re.search(r"(^|&&\s*|-m\s+)flatness\b", ln.strip())]
+        for line in block.replace("\\\n", " ").splitlines():
+            line = " ".join(re.sub(r"(^|\s)#.*$", "", line).split())
+            if re.search(r"(^|&&\s*|-m\s+)flatness\b", line):
+                lines.append(line)
     return lines
-
-
-def _drop_comment(line: str) -> str:
-    lexer = shlex.shlex(line, posix=True, punctuation_chars=False)
-    lexer.whitespace_split, lexer.commenters = True, "#"
-    return shlex.join(list(lexer))
 
 
 def small(argv: list[str]) -> list[str]:
@@ -131,7 +144,7 @@ def presumed(line: str, cwd: Path) -> None:
         spec.loader.exec_module(mod)  # type: ignore[union-attr]
         torch.save(mod.build().state_dict(), cwd / "weights.pt")
     for name, run in (("a.pt", "runs/sgd"), ("b.pt", "runs/marwp")):  # two checkpoints: the flow's two runs
-        if re.search(rf"(^|\s){re.escape(name)}(\s|$)", line) and not (cwd / name).exists():
+        if re.search(rf"(^|\s){re.escape(name)}(\s|$)", line) and not (cwd / name).exists() and (cwd / run / "final.pt").exists():
             shutil.copy(cwd / run / "final.pt", cwd / name)
 
 
@@ -140,11 +153,14 @@ def run_line(line: str, cwd: Path) -> tuple[int, str]:
     from flatness.cli.main import main
 
     status, output = 0, ""
-    for part in _drop_comment(line).split(" && "):
-        words = shlex.split(part)
+    tokens = shlex.split(line)
+    parts = [[]]
+    for t in tokens:
+        parts.append([]) if t == "&&" else parts[-1].append(t)
+    for words in parts:
         if words[:3] == ["python", "-m", "flatness"]:
             words = words[2:]
-        assert words[0] == "flatness", f"not a flatness command: {part!r}"
+        assert words[0] == "flatness", f"not a flatness command: {words!r}"
         argv = [w2 for w in words[1:] for w2 in (sorted(glob.glob(w)) or [w] if any(c in w for c in "*?[") else [w])]
         argv = small(argv) if SMALL else argv
         buf = io.StringIO()
@@ -177,13 +193,14 @@ def test_small_rewrites_only_sizes() -> None:
 def test_readme_commands_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     ran, failures = [], []
+    pending = NEEDS_PCA_DEFAULT_GRID if _surface_requires_x() else set()
     for line in commands(README.read_text()):
-        if line in SKIP:
+        if line in SKIP or line in pending:
             continue
         presumed(line, tmp_path)
         status, output = run_line(line, tmp_path)
         ran.append(line)
         if status:
             failures.append(f"README line failed (exit {status}): {line}\n{output[-1500:]}")
-    print(f"\n[readme] commands run: {len(ran)}, skipped (listed in SKIP): {len(SKIP)}")
+    print(f"\n[readme] commands run: {len(ran)}, skipped (listed in SKIP): {len(SKIP)}, waiting for the PCA default grid: {len(pending)}")
     assert not failures, "\n\n".join(failures)

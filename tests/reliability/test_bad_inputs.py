@@ -36,6 +36,70 @@ SURFACE = ["surface", "--device", "cpu", "--quiet"]
 HESSIAN = ["hessian", "--device", "cpu", "--quiet", "--top-k", "1"]
 COMPARE = ["compare", "--device", "cpu", "--quiet", "--samples", "100", "--surface", "none"]
 X = ["--x", "-1:1:3"]
+U_TRAIN = ["train", "--model", "usermod2.py:lin", "--data", "usermod2.py:data", "--epochs", "1", "--device", "cpu", "--quiet"]
+
+USERMOD2 = """\
+import torch
+from torch import nn
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=g)
+    y = torch.randint(0, 3, (64,), generator=g)
+    return (x[:48], y[:48]), (x[48:], y[48:])
+
+
+def bad_data():
+    raise RuntimeError("boom in data")
+
+
+def lin():
+    return nn.Linear(5, 3)
+
+
+def one_param():
+    return OneParam()
+
+
+class OneParam(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return torch.stack([x[:, 0] * self.w, x[:, 1] * 0, x[:, 2] * 0], 1)
+
+
+def frozen():
+    return nn.Linear(5, 3).requires_grad_(False)
+
+
+def identity():
+    return nn.Sequential(nn.Flatten(), nn.Identity())
+
+
+def constant_loss(model, batch):
+    return torch.tensor(1.0)
+
+
+def nan_loss(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y) * float("nan")
+
+
+CALLS = [0]
+
+
+def late_loss(model, batch):
+    CALLS[0] += 1
+    if CALLS[0] > 3:
+        raise KeyError("a key the batch lacks")
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+"""
+
+ARCHMOD = "import torch\nfrom torch import nn\n\n\ndef build():\n    return nn.Sequential(nn.Linear(5, {h}), nn.ReLU(), nn.Linear({h}, 3))\n"
 
 
 
@@ -235,6 +299,39 @@ ROWS = [
     row("hessian-samples-beyond-trained-on", HESSIAN + ["run_val", "--samples", "250", "--out", "h.json"],
         r"--samples 250 is more than the 200 samples of the train split \(samples the run trained on\)"),
     row("train-model-kwargs-name", TRAIN + ["--model-kwargs", '{"name": 1}', "--out", "new"], r"model kwargs may not set 'name' for model 'mlp'"),
+
+
+    # --- issue 23: tracebacks and silent acceptances a user met ---------------------------------
+    row("train-user-data-raises", TRAIN[:5] + ["--data", "usermod2.py:bad_data", "--model", "usermod2.py:lin", "--epochs", "1", "--quiet",
+                                               "--device", "cpu", "--out", "new"], r"data callable 'usermod2\.py:bad_data' raised RuntimeError: boom in data"),
+    row("train-user-loss-raises-later", U_TRAIN + ["--loss", "usermod2.py:late_loss", "--batch-size", "8", "--out", "new"],
+        r"loss 'usermod2\.py:late_loss' raised KeyError"),
+    row("train-all-parameters-frozen", U_TRAIN[:1] + ["--model", "usermod2.py:frozen"] + U_TRAIN[3:] + ["--out", "new"], r"all its parameters frozen"),
+    row("train-no-parameters", U_TRAIN[:1] + ["--model", "usermod2.py:identity"] + U_TRAIN[3:] + ["--out", "new"], r"has no parameters"),
+    row("train-constant-loss", U_TRAIN + ["--loss", "usermod2.py:constant_loss", "--out", "new"], r"does not depend on the parameters"),
+    row("train-diverges-at-step-1", TRAIN + ["--lr", "3e38", "--out", "new"], r"training diverged: .*checkpoint is none, so new is removed"),
+    row("train-track-curvature-past-run", TRAIN + ["--track-curvature", "100000", "--out", "new"],
+        r"--track-curvature 100000 is more than the run's \d+ updates, so nothing would be tracked"),
+    row("train-track-samples-past-split", TRAIN + ["--track-curvature", "1", "--track-samples", "100000", "--out", "new"],
+        r"--track-samples 100000 is more than the \d+ training samples"),
+    row("train-resume-changed-architecture", U_TRAIN[:1] + ["--model", "archmod.py:build"] + U_TRAIN[3:] + ["--allow-changed", "code",
+                                                    "--out", "run_arch", "--resume"], r"holds another architecture .*size mismatch for 0\.weight"),
+    row("train-seed-2-31", TRAIN + ["--seed", "2147483648", "--out", "new"], r"--seed: expected an integer in \[0, 2147483647\]"),
+    row("surface-hessian-dim-2-one-parameter", SURFACE + ["one.pt", "--directions", "hessian", "--dim", "2", *X, "--y=-1:1:3", "--out", "s.h5"],
+        r"--directions hessian --dim 2 needs 2 Hessian eigenvectors, but the model has 1 trainable parameter"),
+    row("surface-one-point-axis", SURFACE + ["cnn1d.pt", "--x=-1:1:1", "--out", "s.h5"], r"N=1 computes MIN=-1 only"),
+    row("surface-nan-loss-at-centre", SURFACE + ["lin.pt", "--loss", "usermod2.py:nan_loss", *X, "--out", "s.h5"], r"loss at the centre is nan"),
+    row("surface-user-data-raises", SURFACE + ["lin.pt", "--data", "usermod2.py:bad_data", "--allow-other-data", *X, "--out", "s.h5"],
+        r"data callable 'usermod2\.py:bad_data' raised RuntimeError"),
+    row("surface-eval-mode-and-old-method-disagree", SURFACE + ["cnn1d.pt", *X, "--method", "loop", "--eval-mode", "vmap", "--out", "s.h5"],
+        r"--method loop and --eval-mode vmap disagree"),
+    row("hessian-huge-weight", HESSIAN + ["huge.pt", "--samples", "100", "--out", "h.json"], r"Hessian-vector products overflow"),
+    row("hessian-user-data-raises", HESSIAN + ["lin.pt", "--data", "usermod2.py:bad_data", "--allow-other-data", "--out", "h.json"],
+        r"data callable 'usermod2\.py:bad_data' raised RuntimeError"),
+    row("compare-huge-weight", COMPARE + ["huge.pt", "--out", "rep/sub"], r"huge\.pt: the Hessian-vector products overflow"),
+    row("compare-nan-loss", COMPARE + ["nan_loss.pt", "--out", "rep"], r"nan_loss\.pt: the loss is nan"),
+    row("compare-one-surface-point", COMPARE[:-2] + ["cnn1d.pt", "--surface", "1d", "--surface-points", "1", "--out", "rep"], r"--surface-points 1"),
+    row("demo-seed-past-range", ["demo", "--out", "d", "--seed", "2147483647", "--device", "cpu", "--quiet"], r"--seed 2147483647 with --seeds 3"),
 ]
 
 
@@ -288,6 +385,7 @@ def _build_inputs(root: Path) -> None:
     shutil.copy(root / "cnn1d.pt", root / "cnn1d_copy.pt")
     _save(root / "cnn1d_b.pt", "cnn1d", seed=1)
     (root / "usermod.py").write_text("import torch\n\ndef build(**kw):\n    return torch.nn.Linear(40, 10)\n")
+    _build_issue_23_inputs(root)
     shutil.copytree(root / "run", root / "run_truncated")
     (root / "run_truncated" / "final.pt").unlink()
     last = root / "run_truncated" / "checkpoints" / "last.pt"
@@ -357,6 +455,37 @@ def _provenance_inputs(root: Path) -> None:
     g = torch.Generator().manual_seed(1)  # after training: other samples of the same shapes, and edited code
     torch.save((torch.randn(128, 40, generator=g), torch.randint(0, 10, (128,), generator=g)), root / "points.pt")
     (root / "mine_code.py").write_text(USER_CODE + "\n# edited after training\n")
+
+
+def _save_user(path: Path, model: str, state_dict: dict) -> None:
+    from flatness.checkpoint import save_checkpoint
+
+    save_checkpoint(path, {"model": model, "model_kwargs": {}, "dataset": "usermod2.py:data",
+                           "config": {"model": model, "data": "usermod2.py:data"}, "state_dict": state_dict, "metrics": [], "epoch": 0, "step": 0})
+
+
+def _build_issue_23_inputs(root: Path) -> None:
+    """User code that raises or does not train, one-parameter and huge-weight checkpoints, a run whose model code changed."""
+    from flatness.models import build_model
+
+    (root / "usermod2.py").write_text(USERMOD2)
+    torch.manual_seed(0)
+    _save_user(root / "lin.pt", "usermod2.py:lin", torch.nn.Linear(5, 3).state_dict())
+    _save_user(root / "one.pt", "usermod2.py:one_param", {"w": torch.ones(1)})
+    kw = {"in_features": 40, "num_classes": 10}
+    for name, scale in (("huge.pt", 1e19), ("nan_loss.pt", 1e38)):  # finite loss, overflowing products / a NaN loss
+        torch.manual_seed(0)
+        net = build_model("mlp", **kw)
+        state = net.state_dict()
+        first = next(k for k in state if k.endswith("weight"))
+        state[first][0].fill_(scale)
+        from flatness.checkpoint import save_checkpoint
+
+        save_checkpoint(root / name, {"model": "mlp", "model_kwargs": kw, "dataset": "synthetic", "config": {"model": "mlp", "data": "synthetic"},
+                                      "state_dict": state, "metrics": [], "epoch": 0, "step": 0})
+    (root / "archmod.py").write_text(ARCHMOD.format(h=4))
+    _cli_ok(root, *U_TRAIN[:1], "--model", "archmod.py:build", *U_TRAIN[3:], "--out", "run_arch")
+    (root / "archmod.py").write_text(ARCHMOD.format(h=6))  # the model's code changed after the run started
 
 
 def _snapshot(root: Path) -> dict[str, str]:

@@ -230,8 +230,7 @@ def test_centre_is_the_loss_at_the_origin_or_not_printed(tmp_path: Path, make_ch
     with torch.no_grad():
         centre = sum(an.loss_fn(an.model(x), y).item() * len(y) for x, y in an.batches) / an.samples
     code, out, err = _cli(capsys, "surface", ckpt, "--x", "-1:1:1", "--samples", "32", "--out", tmp_path / "a.h5", "--quiet")
-    assert code == 0, err
-    assert ", centre " not in out  # the only grid point is x = -1
+    assert code == 2 and "N=1 computes MIN=-1 only" in err  # issue 23: it computed x = -1 alone
     code, out, err = _cli(capsys, "surface", ckpt, "--x", "-1:1:3", "--y=-2:2:5", "--samples", "32", "--out", tmp_path / "b.h5", "--quiet")
     assert code == 0, err
     assert f"centre {centre:.4g}" in out, out

@@ -61,8 +61,10 @@ class PlainProgress(tqdm):
         return f"{self._count}/{self._total} {self._unit}" if self._total else f"{self._count} {self._unit}"
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None:
+        if isinstance(exc, KeyboardInterrupt):
             self._finish(exc)
+        elif exc_type is not None:
+            self._done = True  # failed: the CLI's one ``error:`` line says why
         super().__exit__(exc_type, exc, tb)
 
     def close(self) -> None:
@@ -74,18 +76,22 @@ class PlainProgress(tqdm):
         super().__del__()
 
     def _finish(self, exc: BaseException | None) -> None:
-        """Log how the stage ended, once: finished, stopped (Ctrl-C, a ``break``), or nothing (an error)."""
+        """Log how the stage ended, once: finished, stopped (Ctrl-C, a ``break``), or nothing (failed part-way).
+
+        ``exc``: the exception in flight when the stage is closed (``close`` in
+        a ``finally``), else None (or one being handled around the stage).
+        """
         if self._done:
             return
         self._done = True
-        if exc is not None and not isinstance(exc, KeyboardInterrupt):
-            return  # failed: the CLI's one ``error:`` line says why
-        elapsed = duration(time.monotonic() - self._start)
+        interrupted = isinstance(exc, KeyboardInterrupt)
         short = self._total is not None and self._count < self._total
-        if self._complete and not short and exc is None:
+        elapsed = duration(time.monotonic() - self._start)
+        if self._complete and not short and not interrupted:
             LOG.info("%s: finished (%s) in %s", self._label, self._position(), elapsed)
-        else:
+        elif interrupted or exc is None:
             LOG.info("%s: stopped after %s in %s", self._label, self._position(), elapsed)
+        # else: failed part-way; the CLI's one ``error:`` line says why
 
 
 def duration(seconds: float) -> str:

@@ -9,7 +9,7 @@ its commands exits non-zero.
 Small settings (the substitution is made HERE, never in the product): unless
 ``FLATNESS_README_SMALL=0`` is set (then the commands run at full size, for a
 manual check that takes hours), :func:`small` rewrites each command:
-``--epochs N`` -> ``--epochs 2``, every grid axis ``MIN:MAX:N`` -> ``MIN:MAX:5``,
+``--epochs N`` -> ``--epochs 3`` (the PCA example needs 3 checkpoints), every grid axis ``MIN:MAX:N`` -> ``MIN:MAX:5``,
 ``--samples N`` -> ``--samples 200`` (and adds ``--samples 200`` to
 ``surface`` / ``hessian`` / ``compare`` lines without one), fewer
 density steps, and ``--device cpu --quiet`` on the commands that have them.
@@ -52,23 +52,6 @@ SKIP = {
         "elides its list of runs ('...'); the flow's compare line runs",
 }
 
-# Lines that need the PCA default grid (no --x/--y: the grid covers the trajectory), which lands from the
-# landscape branch of issue 23; they are skipped only while `flatness surface` still requires --x.
-NEEDS_PCA_DEFAULT_GRID = {
-    "flatness surface runs/sgd --directions pca --dim 2 --out pca.h5",
-    "flatness plot pca.h5 --kind contour --trajectory --out pca.png",
-}
-
-
-def _surface_requires_x() -> bool:
-    import argparse
-
-    from flatness.cli.main import build_parser
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return any(a.required for a in sub.choices["surface"]._actions if a.dest == "x")
-
-
 SMALL = os.environ.get("FLATNESS_README_SMALL", "1") != "0"
 ANALYSIS = ("surface", "hessian", "compare")
 
@@ -94,7 +77,7 @@ def small(argv: list[str]) -> list[str]:
             out.append(f"{m[1]}={m[2]}:{m[3]}:5")
         elif a in ("--epochs", "--samples"):
             value = next(it)
-            out += [a, "2" if a == "--epochs" else str(min(int(value), 200))]
+            out += [a, "3" if a == "--epochs" else str(min(int(value), 200))]
         else:
             out.append(a)
     command = out[0]
@@ -185,7 +168,7 @@ def test_commands_are_found() -> None:
 def test_small_rewrites_only_sizes() -> None:
     assert small(["surface", "runs/a", "--x=-1:1:51", "--y=-2:2:41", "--out", "s.h5"]) == [
         "surface", "runs/a", "--x=-1:1:5", "--y=-2:2:5", "--out", "s.h5", "--samples", "200", "--device", "cpu", "--quiet"]
-    assert small(["train", "--epochs", "60", "--out", "r"]) == ["train", "--epochs", "2", "--out", "r", "--device", "cpu", "--quiet"]
+    assert small(["train", "--epochs", "60", "--out", "r"]) == ["train", "--epochs", "3", "--out", "r", "--device", "cpu", "--quiet"]
     assert small(["plot", "a.h5", "--out", "a.png"]) == ["plot", "a.h5", "--out", "a.png"]
 
 
@@ -193,14 +176,13 @@ def test_small_rewrites_only_sizes() -> None:
 def test_readme_commands_run_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     ran, failures = [], []
-    pending = NEEDS_PCA_DEFAULT_GRID if _surface_requires_x() else set()
     for line in commands(README.read_text()):
-        if line in SKIP or line in pending:
+        if line in SKIP:
             continue
         presumed(line, tmp_path)
         status, output = run_line(line, tmp_path)
         ran.append(line)
         if status:
             failures.append(f"README line failed (exit {status}): {line}\n{output[-1500:]}")
-    print(f"\n[readme] commands run: {len(ran)}, skipped (listed in SKIP): {len(SKIP)}, waiting for the PCA default grid: {len(pending)}")
+    print(f"\n[readme] commands run: {len(ran)}, skipped (listed in SKIP): {len(SKIP)}")
     assert not failures, "\n\n".join(failures)

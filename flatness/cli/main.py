@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for user errors)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (its one line is written), --help or --version: their status, returned
+        return e.code if isinstance(e.code, int) else 2
     args._argv = list(sys.argv[1:] if argv is None else argv)  # what was typed, for strict --resume
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)

@@ -248,14 +248,7 @@ class DeltaSAM(PerturbedOptimizer):
         An exception in the closure (any of its calls; ``KeyboardInterrupt``
         included) undoes the step, as for :meth:`PerturbedOptimizer.step`.
         """
-        if closure is None:
-            raise TypeError(self._no_closure_message())
-        if self._perturbed:
-            raise RuntimeError(
-                "step() called between first_step() and second_step(); finish the step "
-                "with second_step() or abandon it with cancel_step()"
-            )
-        self._refuse_accumulated()
+        self._check_can_step(closure)
         undo = self._save_undo()
         self.last_step_updated = False
         try:

@@ -469,6 +469,17 @@ class PerturbedOptimizer(torch.optim.Optimizer):
                 "this batch's; call opt.zero_grad() before the backward pass at w"
             )
 
+    def _check_can_step(self, closure: Any) -> None:
+        """Refuse a ``step`` without a closure, in the middle of a step, or over accumulated gradients (one line each)."""
+        if closure is None:
+            raise TypeError(self._no_closure_message())
+        if self._perturbed:
+            raise RuntimeError(
+                "step() called between first_step() and second_step(); finish the step "
+                "with second_step() or abandon it with cancel_step()"
+            )
+        self._refuse_accumulated()
+
     def _no_closure_message(self) -> str:
         name = type(self).__name__
         if self._single_pass():
@@ -652,14 +663,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         forward pass that completed before the exception are the model's, not
         the optimizer's, and stay recorded.)
         """
-        if closure is None:
-            raise TypeError(self._no_closure_message())
-        if self._perturbed:
-            raise RuntimeError(
-                "step() called between first_step() and second_step(); finish the step "
-                "with second_step() or abandon it with cancel_step()"
-            )
-        self._refuse_accumulated()
+        self._check_can_step(closure)
         closure = torch.enable_grad()(closure)
         undo = self._save_undo()
         self.last_step_updated = False

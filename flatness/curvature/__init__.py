@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from flatness.curvature.density import DensityResult, broaden, slq_density
 from flatness.curvature.lanczos import EigenResult, lanczos_smallest_eig, lanczos_top_eigs

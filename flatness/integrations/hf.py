@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flatness.integrations._batch import to_device
 from flatness.integrations._optional import require
 from flatness.losses import ModelLoss
 from flatness.optim import DeltaSAM, PerturbedOptimizer, StepOnUpdate
@@ -260,7 +261,7 @@ class CurvatureCallback(transformers.TrainerCallback):
             return
         was_training = model.training
         device = next(model.parameters()).device
-        self.tracker.batch = _to(self.tracker.batch, device)
+        self.tracker.batch = to_device(self.tracker.batch, device)
         row = self.tracker.measure(model, self.updates)
         model.train(was_training)
         metrics = {f"curvature/{k}": v for k, v in row.items() if k != "step"}
@@ -274,12 +275,3 @@ class CurvatureCallback(transformers.TrainerCallback):
             state.log_history.append({**self.pending, "step": state.global_step})
             self.pending = None
 
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch

@@ -68,6 +68,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flatness.integrations._batch import to_device
 from flatness.integrations._optional import require
 from flatness.optim import DeltaSAM, PerturbedOptimizer, disable_running_stats
 
@@ -295,7 +296,7 @@ class CurvatureCallback(L.Callback):
             return
         was_training = pl_module.training
         device = next(pl_module.parameters()).device
-        self.tracker.batch = _to(self.tracker.batch, device)
+        self.tracker.batch = to_device(self.tracker.batch, device)
         row = self.tracker.measure(pl_module, self.updates)
         pl_module.train(was_training)
         metrics = {f"curvature/{k}": v for k, v in row.items() if k != "step"}
@@ -310,12 +311,3 @@ class CurvatureCallback(L.Callback):
         self.updates = int(state_dict["updates"])
         self._last_global_step = int(state_dict["global_step"])
 
-
-def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(b, device) for b in batch)
-    if isinstance(batch, Mapping):
-        return {k: _to(v, device) for k, v in batch.items()}
-    return batch

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from flatness.atomic import atomic_write_text
-from flatness.errors import FlatnessError
 from flatness.report.stats import MEASURES, conclusion, group_stats, kendall
 
 # What each measure responds to, printed under the table so that disagreeing measures can be read.

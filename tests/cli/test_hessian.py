@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from flatness.cli.main import main
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: avoid OpenMP spinning on a shared 2-core machine
 KEYS = {

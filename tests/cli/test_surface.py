@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -18,7 +16,7 @@ from flatness.cli.main import main
 from flatness.checkpoint import save_checkpoint
 from flatness.landscape import read_surface
 from flatness.models import build_model
-from tests.conftest import REPO, RUN_DIR, run_cli
+from tests.conftest import RUN_DIR, run_cli
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: avoid OpenMP spinning on a shared 2-core machine
 

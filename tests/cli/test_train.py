@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from flatness.checkpoint import read_checkpoint_file
-from tests.conftest import REPO, RUN_DIR, run_cli
+from tests.conftest import RUN_DIR, run_cli
 
 ARGS = ["--model", "mlp", "--data", "mnist1d", "--epochs", "4", "--batch-size", "16", "--save-every", "37", "--quiet"]
 

@@ -17,7 +17,7 @@ import torch
 
 from flatness.checkpoint import read_checkpoint_file
 from tests.cli.parallel_roles_reference import two_role_marwp
-from tests.conftest import REPO, RUN_DIR, run_cli
+from tests.conftest import RUN_DIR, run_cli
 
 ARGS = ["--model", "mlp", "--data", "synthetic", "--epochs", "2", "--batch-size", "32", "--quiet", "--device", "cpu"]
 

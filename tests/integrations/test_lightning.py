@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from flatness.optim import MARWP, RWP, SAM, StepOnUpdate
 from tests.conftest import run_cli

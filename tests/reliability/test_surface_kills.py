@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, RUN_DIR, run_cli
+from tests.conftest import RUN_DIR, run_cli
 
 N = 25
 ARGS = ["--dim", "2", "--x", f"-1:1:{N}", "--y", f"-1:1:{N}", "--samples", "1000", "--chunk-size", f"{N}", "--device", "cpu", "--quiet"]

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, RUN_DIR, run_cli
+from tests.conftest import RUN_DIR, run_cli
 
 
 class Payload:

@@ -29,7 +29,6 @@ import pytest
 import torch
 
 from flatness.checkpoint import read_checkpoint_file
-from tests.conftest import REPO, RUN_DIR
 
 TRAIN = ["train", "--data", "synthetic", "--model", "mlp", "--batch-size", "32", "--schedule", "constant", "--device", "cpu", "--quiet"]
 

@@ -83,9 +83,9 @@ def test_imports_from_a_directory_with_its_own_optim_and_cli(fresh_env):
 def test_console_script_and_module_entry_point(fresh_env):
     python, work = fresh_env
     r = _run([str(python.parent / "flatness"), "--version"], cwd=work, env=_env(python))
-    assert r.stdout.strip() == "flatness 0.2.0"
+    assert r.stdout.strip() == "flatness 0.3.0"
     r = _run([str(python), "-m", "flatness", "--version"], cwd=work, env=_env(python))
-    assert r.stdout.strip() == "flatness 0.2.0"
+    assert r.stdout.strip() == "flatness 0.3.0"
 
 
 def test_trains_m_arwp_from_that_directory(fresh_env):

@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         raise FlatnessError("--allow-changed accepts changes since a run was trained; it needs --resume")
     allow = parse_allow_changed(args.allow_changed)
     config = _resumed_config(args, saved, fields, out) if saved is not None else TrainConfig(**fields)
-    from flatness.integrations.loggers import make_logger
+    from flatness.loggers import make_logger
 
     logger = make_logger(*args.log) if args.log else None
     try:

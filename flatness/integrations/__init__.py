@@ -7,8 +7,10 @@
 * :mod:`flatness.integrations.hf` - :class:`~flatness.integrations.hf.FlatnessTrainer`
   (the two-pass methods under ``transformers.Trainer``) and
   :class:`~flatness.integrations.hf.CurvatureCallback`.
-* :mod:`flatness.integrations.loggers` - the ``log(metrics, step)`` protocol and
-  :class:`~flatness.integrations.loggers.tensorboard.TensorBoardLogger`.
+
+Experiment loggers (the ``log(metrics, step)`` protocol and TensorBoard) live in
+:mod:`flatness.loggers`, in the library, because ``flatness train --log`` uses them:
+integrations import the library, never the other way.
 
 Nothing here is imported by ``import flatness``; each module imports its
 optional package (``pip install 'flatness[lightning]'``, ``'flatness[hf]'``,

@@ -224,7 +224,7 @@ class CurvatureCallback(transformers.TrainerCallback):
     own log (so every ``report_to`` integration and ``trainer_state.json`` get
     it); under a plain ``Trainer`` it is appended to ``state.log_history``.
     It also goes to ``logger`` (anything with ``log(metrics, step)``, e.g.
-    :class:`flatness.integrations.loggers.tensorboard.TensorBoardLogger`) and
+    :class:`flatness.loggers.tensorboard.TensorBoardLogger`) and
     stays in :attr:`rows`. Measured on the main process only.
 
     Args:

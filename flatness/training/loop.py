@@ -240,7 +240,7 @@ class _Session:
     replan_schedule: bool = False
     allow_changed: frozenset[str] = frozenset()
     replans: list[dict[str, int]] = field(default_factory=list)
-    logger: Any = None  # log(metrics, step), e.g. flatness.integrations.loggers (rank 0 only)
+    logger: Any = None  # log(metrics, step), e.g. flatness.loggers (rank 0 only)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -294,7 +294,7 @@ def train(
         allow_changed: on resume, accept user code (``"code"``) or data
             (``"data"``) whose content differs from the run's fingerprint.
         logger: ``log(metrics, step)`` for each epoch row and curvature row
-            (:mod:`flatness.integrations.loggers`).
+            (:mod:`flatness.loggers`).
 
     Raises:
         FlatnessError: bad settings, an existing ``out`` without

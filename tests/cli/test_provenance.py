@@ -154,7 +154,8 @@ def test_resume_with_no_checkpoint_that_verifies_is_refused(two_epoch_run: Path,
     shutil.copytree(two_epoch_run, run)
     for p in [run / "final.pt", *run.glob("checkpoints/*.pt")]:
         _flip_momentum(p)
-    _refused(r"last\.pt is corrupted.*and no other checkpoint of .* verifies", "train", "--out", str(run), "--resume")
+    line = _refused(r"last\.pt is corrupted.*and no other checkpoint of .* verifies", "train", "--out", str(run), "--resume")
+    assert "start a new run" in line and not (run / ".lock").exists()
 
 
 def test_foreign_state_dict_with_nan_is_refused_and_a_clean_one_loads(tmp_path: Path) -> None:
@@ -166,8 +167,9 @@ def test_foreign_state_dict_with_nan_is_refused_and_a_clean_one_loads(tmp_path: 
     state = net.state_dict()
     state["net.0.weight"][0, 0] = float("nan")
     torch.save(state, tmp_path / "nan.pt")
-    _refused(r"nan\.pt holds non-finite weights \(net\.0\.weight", "hessian", str(tmp_path / "nan.pt"), "--model", "mlp", "--data",
-             "synthetic", "--top-k", "1", "--out", str(tmp_path / "h2.json"))
+    line = _refused(r"nan\.pt holds non-finite weights \(net\.0\.weight", "hessian", str(tmp_path / "nan.pt"), "--model", "mlp",
+                    "--data", "synthetic", "--top-k", "1", "--out", str(tmp_path / "h2.json"))
+    assert (tmp_path / "h.json").exists() and not (tmp_path / "h2.json").exists(), line
 
 
 # ---------------------------------------------------------------------------------------------- fingerprints
@@ -217,6 +219,10 @@ def test_code_that_changed_since_training_is_refused_unless_allowed(user_run: Pa
     _refused(r"model code .*mine\.py differs from .*--allow-changed code", "hessian", "run", "--top-k", "1", "--out",
              str(tmp_path / "h.json"), cwd=work)
     _ok("hessian", "run", "--top-k", "1", "--out", str(tmp_path / "h.json"), "--allow-changed", "code", cwd=work)
+    accepted = json.loads((tmp_path / "h.json").read_text())["provenance"]["accepted_changes"]
+    # mine.py holds the model and the data code: both roles changed, both are recorded
+    assert sorted(a.split(": ")[1].split(" code")[0] for a in accepted) == ["data", "model"]
+    assert all(a.startswith("accepted with --allow-changed code") for a in accepted)
 
 
 def test_file_specs_resolve_from_the_run_directory(user_run: Path, tmp_path: Path) -> None:
@@ -261,8 +267,9 @@ def test_train_measures_use_only_the_samples_the_run_trained_on(user_run: Path, 
 
 
 def test_val_split_of_a_run_without_one_is_refused(two_epoch_run: Path, tmp_path: Path) -> None:
-    _refused(r"trained without --val-split, so there is no validation split", "hessian", str(two_epoch_run), "--split", "val",
-             "--top-k", "1", "--out", str(tmp_path / "h.json"))
+    line = _refused(r"trained without --val-split, so there is no validation split", "hessian", str(two_epoch_run), "--split", "val",
+                    "--top-k", "1", "--out", str(tmp_path / "h.json"))
+    assert "use --split train or test" in line and not (tmp_path / "h.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------- compare: groups, provenance, lock

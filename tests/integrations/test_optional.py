@@ -28,7 +28,7 @@ def test_missing_package_names_the_extra(module: str, blocked: str, extra: str, 
 
 
 def test_import_flatness_imports_no_integration_package() -> None:
-    code = ("import sys, flatness, flatness.optim, flatness.integrations, flatness.integrations.loggers; "
+    code = ("import sys, flatness, flatness.optim, flatness.integrations, flatness.loggers; "
             "print(sorted(m for m in ('lightning', 'transformers', 'tensorboard', 'accelerate', 'timm') if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

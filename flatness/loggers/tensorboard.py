@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from flatness.errors import FlatnessError
-from flatness.integrations.loggers import scalars
+from flatness.loggers import scalars
 
 
 class TensorBoardLogger:

@@ -2,7 +2,7 @@
 
 A logger is anything with ``log(metrics: dict, step: int)`` (and, optionally,
 ``close()``). ``flatness train --log KIND DIR`` picks one with
-:func:`make_logger`: ``tensorboard`` (:class:`~flatness.integrations.loggers.tensorboard.TensorBoardLogger`),
+:func:`make_logger`: ``tensorboard`` (:class:`~flatness.loggers.tensorboard.TensorBoardLogger`),
 or your own as ``module:callable`` / ``file.py:callable``, called with ``DIR``
 and returning such an object::
 
@@ -50,7 +50,7 @@ def make_logger(kind: str, target: str) -> MetricLogger:
             object without ``log(metrics, step)``.
     """
     if kind == "tensorboard":
-        from flatness.integrations.loggers.tensorboard import TensorBoardLogger
+        from flatness.loggers.tensorboard import TensorBoardLogger
 
         return TensorBoardLogger(target)
     from flatness.hooks import is_callable_spec, load_callable

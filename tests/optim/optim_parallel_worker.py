@@ -64,5 +64,8 @@ def run(rank: int, world_size: int, out_dir: str, steps: int, fail_at: int | Non
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        # Every rank meets here before the group goes: a rank whose peer already tore down its
+        # gloo context can abort in the destructor ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
